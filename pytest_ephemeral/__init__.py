@@ -1,0 +1,41 @@
+"""pytest-ephemeral: every test gets its own network port, however many tests run at once.
+
+Importing this package is cheap: the allocator (and ``filelock``) load on first use, and names
+that need pytest load only when asked for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ConfigError, EphemeralError, PortsExhausted
+
+if TYPE_CHECKING:
+    from ._allocator import PortAllocator
+    from ._api import lease_block, lease_port
+    from .plugin import PortFactory
+
+__all__ = [
+    "ConfigError",
+    "EphemeralError",
+    "PortAllocator",
+    "PortFactory",
+    "PortsExhausted",
+    "lease_block",
+    "lease_port",
+]
+
+_LAZY = {
+    "PortAllocator": "._allocator",
+    "PortFactory": ".plugin",
+    "lease_block": "._api",
+    "lease_port": "._api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

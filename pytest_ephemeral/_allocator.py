@@ -1,0 +1,202 @@
+"""The allocator: searches the range for ports it can lock and bind, and keeps them leased.
+
+Lock first, then check: a candidate's lock is taken without blocking, then the port is bind-checked;
+a busy port's lock is released at once. Each process walks the range from a random starting point
+and moves on from its last lease, so concurrent processes rarely try the same candidate and a port
+this process just released is the last one it comes back to (giving its TIME_WAIT time to pass).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ._errors import PortsExhausted
+from ._holder import Holder, describe, this_process
+from ._lease import lock_path, read_live_record, try_lock, unlock, write_record
+from ._probe import bind_targets, is_free, socket_kinds
+from ._settings import Settings
+
+_MAX_HOLDERS_SHOWN = 10
+_POLL_FIRST, _POLL_MAX = 0.005, 0.1
+
+
+@dataclass
+class Stats:
+    """Counters for the run summary; plain numbers so they can cross process boundaries."""
+
+    leased: int = 0
+    peak: int = 0
+    skipped_bound: int = 0
+    skipped_locked: int = 0
+    waited: float = 0.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A leased port: the descriptor whose lock reserves it, and the test it is for."""
+
+    port: int
+    fd: int
+    nodeid: str | None
+    since: float
+
+
+@dataclass
+class _Pass:
+    """What one walk over the range met, for the exhaustion message."""
+
+    mine: int = 0
+    bound: int = 0
+    locked: list[int] = field(default_factory=list)
+
+
+class PortAllocator:
+    """Leases ports of ``settings.ports`` to this process; thread-safe.
+
+    Every lease holds an open, locked descriptor until ``release`` (or ``release_all``).
+    """
+
+    def __init__(self, settings: Settings, holder: Holder | None = None) -> None:
+        self.settings = settings
+        self.holder = holder or this_process()
+        self.stats = Stats()
+        self._ports = settings.ports.ports
+        self._lock_dir = str(settings.lock_dir)
+        self._targets = bind_targets(settings.host)
+        self._held: dict[int, Lease] = {}
+        self._cursor = random.randrange(len(self._ports))
+        self._mutex = threading.Lock()
+        self._pid = os.getpid()
+
+    @property
+    def held(self) -> dict[int, Lease]:
+        """The leases this allocator holds, by port (a copy)."""
+        with self._mutex:
+            return dict(self._held)
+
+    def lease(self, protocol: str = "tcp", nodeid: str | None = None) -> int:
+        """Lease one port, bind-checked for ``protocol`` ("tcp", "udp" or "both")."""
+        return self.lease_block(1, protocol, nodeid)[0]
+
+    def lease_block(self, n: int, protocol: str = "tcp", nodeid: str | None = None) -> list[int]:
+        """Lease ``n`` consecutive ports; poll up to the timeout while others hold them."""
+        kinds = socket_kinds(protocol)
+        if n < 1:
+            raise ValueError(f"a block needs at least one port, not {n}")
+        longest = self.settings.ports.longest_run()
+        if n > longest:
+            raise ValueError(
+                f"cannot lease {n} consecutive ports: the longest run in"
+                f" {self.settings.ports} is {longest}"
+            )
+        deadline: float | None = None
+        pause = _POLL_FIRST
+        while True:
+            with self._mutex:
+                seen = _Pass()
+                ports = self._walk(n, kinds, nodeid, seen)
+            if ports is not None:
+                return ports
+            if not seen.locked and not seen.bound:
+                raise self._exhausted(n, seen, waited=None)  # all ours: waiting cannot help
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self.settings.timeout
+            if now >= deadline:
+                raise self._exhausted(n, seen, waited=self.settings.timeout)
+            nap = min(pause, deadline - now)
+            time.sleep(nap)
+            self.stats.waited += nap
+            pause = min(pause * 2, _POLL_MAX)
+
+    def release(self, port: int) -> None:
+        """End the lease of ``port``; ``ValueError`` if this allocator does not hold it."""
+        with self._mutex:
+            lease = self._held.pop(port, None)
+        if lease is None:
+            raise ValueError(f"port {port} is not leased by this process")
+        unlock(lease.fd, self._pid)
+
+    def release_all(self) -> None:
+        with self._mutex:
+            leases, self._held = list(self._held.values()), {}
+        for lease in leases:
+            unlock(lease.fd, self._pid)
+
+    # --- search ---------------------------------------------------------------------------
+
+    def _walk(
+        self, n: int, kinds: tuple[socket.SocketKind, ...], nodeid: str | None, seen: _Pass
+    ) -> list[int] | None:
+        """One pass over the range from the cursor; lease and return ``n`` consecutive ports."""
+        ports, size = self._ports, len(self._ports)
+        step = 0
+        while step < size:
+            first = (self._cursor + step) % size
+            step += 1
+            if first + n > size or ports[first + n - 1] - ports[first] != n - 1:
+                continue  # not n consecutive candidates from here
+            taken: list[Lease] = []
+            for index in range(first, first + n):
+                lease = self._try(ports[index], kinds, nodeid, seen)
+                if lease is None:
+                    break
+                taken.append(lease)
+            if len(taken) == n:
+                for lease in taken:
+                    self._held[lease.port] = lease
+                self._cursor = (first + n) % size
+                self.stats.leased += n
+                self.stats.peak = max(self.stats.peak, len(self._held))
+                return [lease.port for lease in taken]
+            for lease in taken:
+                unlock(lease.fd, self._pid)
+            step += len(taken)  # every start up to the busy port would meet it again
+        return None
+
+    def _try(
+        self, port: int, kinds: tuple[socket.SocketKind, ...], nodeid: str | None, seen: _Pass
+    ) -> Lease | None:
+        if port in self._held:
+            seen.mine += 1
+            return None
+        fd = try_lock(lock_path(self._lock_dir, port))
+        if fd is None:
+            seen.locked.append(port)
+            self.stats.skipped_locked += 1
+            return None
+        if not is_free(port, kinds, self._targets):
+            unlock(fd, self._pid)
+            seen.bound += 1
+            self.stats.skipped_bound += 1
+            return None
+        since = time.time()
+        write_record(fd, self.holder, port, nodeid, since)
+        return Lease(port, fd, nodeid, since)
+
+    def _exhausted(self, n: int, seen: _Pass, waited: float | None) -> PortsExhausted:
+        ports = self.settings.ports
+        what = "free port" if n == 1 else f"block of {n} free consecutive ports"
+        when = "now" if waited is None else f"within {waited:g} s"
+        lines = [
+            f"no {what} in {ports} ({len(ports)} ports) {when}:"
+            f" {len(set(seen.locked))} locked by other runs,"
+            f" {seen.bound} bound by other programs, {len(self._held)} held by this process."
+        ]
+        records = (read_live_record(self._lock_dir, p) for p in sorted(set(seen.locked)))
+        live = (describe(record) for record in records if record is not None)
+        holders = list(itertools.islice(live, _MAX_HOLDERS_SHOWN))
+        if holders:
+            lines.append("Holders:")
+            lines.extend(f"  {line}" for line in holders)
+        lines.append(
+            "Widen the range (--ephemeral-port-range), lower -n, release ports sooner,"
+            " or look for leaked leases with `pytest-ephemeral status`."
+        )
+        return PortsExhausted("\n".join(lines))

@@ -1,0 +1,84 @@
+"""Leases for code outside pytest fixtures: ``with lease_port() as port: ...``.
+
+The defaults are the plugin's, environment variables included, so a script and a test suite on
+one machine share the same lock directory and never hand out the same port.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from os import PathLike
+
+from ._allocator import PortAllocator
+from ._settings import Layer, Raw, Settings, env_layer, resolve
+
+_allocators: dict[Settings, PortAllocator] = {}
+_allocators_mutex = threading.Lock()
+
+
+def _allocator(**arguments: object) -> PortAllocator:
+    given: Layer = {
+        name: Raw(value, f"argument {name}=")
+        for name, value in arguments.items()
+        if value is not None
+    }
+    settings = resolve(given, env_layer(os.environ))
+    with _allocators_mutex:  # one allocator per settings, so this process never leases twice
+        return _allocators.setdefault(settings, PortAllocator(settings))
+
+
+@contextmanager
+def lease_block(
+    n: int,
+    *,
+    protocol: str = "tcp",
+    host: str | None = None,
+    port_range: str | None = None,
+    exclude: str | None = None,
+    lock_dir: str | PathLike[str] | None = None,
+    timeout: float | None = None,
+) -> Iterator[list[int]]:
+    """Lease ``n`` consecutive ports for the ``with`` block.
+
+    ``port_range`` and ``exclude`` take the same strings as the plugin's options; every argument
+    left out comes from its ``PYTEST_EPHEMERAL_*`` environment variable, then the default. Raises
+    ``ConfigError`` for a bad value and ``PortsExhausted`` when no ports free up within ``timeout``.
+    """
+    allocator = _allocator(
+        host=host, port_range=port_range, exclude=exclude, lock_dir=lock_dir, timeout=timeout
+    )
+    ports = allocator.lease_block(n, protocol)
+    try:
+        yield ports
+    finally:
+        for port in ports:
+            allocator.release(port)
+
+
+@contextmanager
+def lease_port(
+    *,
+    protocol: str = "tcp",
+    host: str | None = None,
+    port_range: str | None = None,
+    exclude: str | None = None,
+    lock_dir: str | PathLike[str] | None = None,
+    timeout: float | None = None,
+) -> Iterator[int]:
+    """Lease one port, bind-checked for ``protocol`` ("tcp", "udp" or "both"), for the block.
+
+    Takes the same keywords as ``lease_block``.
+    """
+    with lease_block(
+        1,
+        protocol=protocol,
+        host=host,
+        port_range=port_range,
+        exclude=exclude,
+        lock_dir=lock_dir,
+        timeout=timeout,
+    ) as ports:
+        yield ports[0]

@@ -1,0 +1,35 @@
+"""Who holds a lease: the process-wide part of every holder record, and how to show a record."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who takes leases: the same for every lease of one process."""
+
+    pid: int
+    host: str
+    worker: str | None = None
+    testrun: str | None = None
+
+
+def this_process(worker: str | None = None, testrun: str | None = None) -> Holder:
+    return Holder(os.getpid(), socket.gethostname(), worker, testrun)
+
+
+def describe(record: dict[str, Any], now: float | None = None) -> str:
+    """One line for a person: port, pid, worker, test, age."""
+    now = time.time() if now is None else now
+    since = record.get("since")
+    age = f"for {now - since:.1f} s" if isinstance(since, (int, float)) else "since unknown"
+    return (
+        f"port {record['port']}: pid {record.get('pid', '?')}"
+        f" on {record.get('host') or '?'}, worker {record.get('worker') or '-'},"
+        f" {record.get('nodeid') or 'no test'}, {age}"
+    )

@@ -1,0 +1,108 @@
+"""Lock files: one per port number, locked through ``filelock`` on a descriptor we open ourselves.
+
+``<lock dir>/<port>.lock`` is locked with filelock's ``lock_descriptor`` (a whole-file ``flock`` on
+Unix, ``LockFileEx`` on byte 0 on Windows) and stays locked, its descriptor open, for the whole
+lease. The kernel drops the lock when the process dies, so a crashed run leaves no lease behind.
+
+While locked, the file holds a holder record: a newline (byte 0, the byte Windows locks) and one
+line of JSON. Liveness never comes from the record, only from the lock.
+
+This module imports ``filelock`` (about 30 ms), so it is imported on the first lease, not at start.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import warnings
+from typing import Any
+
+from filelock import lock_descriptor, unlock_descriptor
+
+from ._holder import Holder
+
+_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+#: Errors that mean "someone else's file is in the way": treat the port as held by another run.
+_FOREIGN = (errno.EACCES, errno.EPERM, errno.ELOOP)
+
+
+def lock_path(lock_dir: str, port: int) -> str:
+    return os.path.join(lock_dir, f"{port}.lock")
+
+
+def try_lock(path: str) -> int | None:
+    """Open and lock ``path`` without blocking: the locked descriptor, or None if it is held."""
+    try:
+        fd = os.open(path, _FLAGS | getattr(os, "O_BINARY", 0), 0o600)
+    except OSError as error:
+        if error.errno in _FOREIGN:
+            return None
+        raise
+    try:
+        if lock_descriptor(fd, blocking=False):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def unlock(fd: int, owner_pid: int) -> None:
+    """End a lock: unlock (only in the process that took it, not in a forked child) and close."""
+    try:
+        if os.getpid() == owner_pid:
+            unlock_descriptor(fd)
+    finally:
+        os.close(fd)
+
+
+def write_record(fd: int, holder: Holder, port: int, nodeid: str | None, since: float) -> None:
+    """Write who holds the lease into its lock file, through the descriptor that holds the lock."""
+    record = {
+        "port": port,
+        "pid": holder.pid,
+        "host": holder.host,
+        "worker": holder.worker,
+        "testrun": holder.testrun,
+        "nodeid": nodeid,
+        "since": since,
+    }
+    data = b"\n" + json.dumps(record).encode() + b"\n"
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, data)
+        os.ftruncate(fd, len(data))
+    except OSError as error:
+        warnings.warn(f"could not record the holder of port {port}: {error}", RuntimeWarning, 2)
+
+
+def read_live_record(lock_dir: str, port: int) -> dict[str, Any] | None:
+    """The record of a port whose lock is held right now; None when nobody holds it.
+
+    Taking the lock for a moment is how liveness is tested: a record left by a killed process
+    sits in a file nobody has locked. A held lock with an unreadable record gives only the port.
+    """
+    try:
+        fd = os.open(lock_path(lock_dir, port), _READ_FLAGS | getattr(os, "O_BINARY", 0))
+    except OSError:
+        return None
+    try:
+        if lock_descriptor(fd, blocking=False):
+            unlock_descriptor(fd)
+            return None
+        os.lseek(fd, 1, os.SEEK_SET)  # skip byte 0, which Windows keeps locked
+        data = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    try:
+        record = json.loads(data)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as error:
+        warnings.warn(f"unreadable holder record for port {port}: {error}", RuntimeWarning, 2)
+        return {"port": port}
+    record["port"] = port
+    return record

@@ -1,0 +1,83 @@
+"""Bind checks: is a port free, for every protocol a lease asks for?
+
+A probe binds WITHOUT ``SO_REUSEADDR`` (``SO_EXCLUSIVEADDRUSE`` on Windows, where ``SO_REUSEADDR``
+would steal a bound port), so a port in TIME_WAIT counts as busy. It binds a dual-stack ``[::]``
+socket, which collides with any IPv4 or IPv6 holder, falling back to ``0.0.0.0`` where IPv6 is off,
+and then the configured host when it is not a wildcard (on BSD and macOS a specific and a wildcard
+bind can coexist, so the wildcard alone would miss a holder of the specific address).
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+
+PROTOCOLS: dict[str, tuple[socket.SocketKind, ...]] = {
+    "tcp": (socket.SOCK_STREAM,),
+    "udp": (socket.SOCK_DGRAM,),
+    "both": (socket.SOCK_STREAM, socket.SOCK_DGRAM),
+}
+WILDCARDS = ("0.0.0.0", "::")
+_EXCLUSIVE = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)
+
+#: Where a probe binds: ``(family, address)`` pairs, tried in order.
+Targets = tuple[tuple[socket.AddressFamily, str], ...]
+
+
+def socket_kinds(protocol: str) -> tuple[socket.SocketKind, ...]:
+    try:
+        return PROTOCOLS[protocol]
+    except KeyError:
+        raise ValueError(f"protocol must be 'tcp', 'udp' or 'both', not {protocol!r}") from None
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+@functools.cache
+def ipv6_available() -> bool:
+    """Whether a dual-stack ``[::]`` socket can be bound (some machines boot with IPv6 off)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 0))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def bind_targets(host: str) -> Targets:
+    """The wildcard a probe binds (dual-stack if possible), then ``host`` unless a wildcard."""
+    wildcard = (socket.AF_INET6, "::") if ipv6_available() else (socket.AF_INET, "0.0.0.0")
+    if host in WILDCARDS:
+        return (wildcard,)
+    return (wildcard, (family_of(host), host))
+
+
+def bound_socket(
+    family: socket.AddressFamily, kind: socket.SocketKind, address: str, port: int
+) -> socket.socket:
+    """A socket bound to ``(address, port)`` without address reuse; ``OSError`` if it is taken."""
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6 and address == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if _EXCLUSIVE is not None:  # Windows: refuse to share the port with anyone
+            sock.setsockopt(socket.SOL_SOCKET, _EXCLUSIVE, 1)
+        sock.bind((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def is_free(port: int, kinds: tuple[socket.SocketKind, ...], targets: Targets) -> bool:
+    """True when every target binds for every kind; any failure (TIME_WAIT included) means busy."""
+    for kind in kinds:
+        for family, address in targets:
+            try:
+                bound_socket(family, kind, address, port).close()
+            except OSError:
+                return False
+    return True

@@ -1,0 +1,251 @@
+"""Port ranges: parsing, set arithmetic, and what each operating system auto-assigns.
+
+A range is a tuple of sorted, disjoint, inclusive ``(low, high)`` spans. ``auto`` is IANA's dynamic
+range minus the ports the operating system hands to outgoing connections and ``bind(0)``, so that a
+leased port cannot be taken behind our back by the kernel.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from array import array
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Spans = tuple[tuple[int, int], ...]
+
+IANA_DYNAMIC: Spans = ((49152, 65535),)
+#: Below this many ports, ``auto`` falls back to the whole dynamic range (see ``derive_auto``).
+MIN_AUTO_PORTS = 100
+
+_LINUX_PROC = Path("/proc/sys/net/ipv4")
+
+
+def normalize(spans: Iterable[tuple[int, int]]) -> Spans:
+    """Sort spans and merge the ones that overlap or touch."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(spans):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(high, merged[-1][1]))
+        else:
+            merged.append((low, high))
+    return tuple(merged)
+
+
+def subtract(spans: Spans, removed: Spans) -> Spans:
+    """The ports of ``spans`` that are not in ``removed``."""
+    result: list[tuple[int, int]] = []
+    for low, high in spans:
+        for cut_low, cut_high in removed:
+            if cut_high < low or cut_low > high:
+                continue
+            if cut_low > low:
+                result.append((low, cut_low - 1))
+            low = cut_high + 1
+            if low > high:
+                break
+        if low <= high:
+            result.append((low, high))
+    return normalize(result)
+
+
+def intersect(spans: Spans, other: Spans) -> Spans:
+    """The ports in both ``spans`` and ``other``."""
+    return normalize(
+        (max(a, c), min(b, d)) for a, b in spans for c, d in other if max(a, c) <= min(b, d)
+    )
+
+
+def count(spans: Spans) -> int:
+    return sum(high - low + 1 for low, high in spans)
+
+
+def format_spans(spans: Spans) -> str:
+    """``61000-65535`` or ``50000,50002-50010``; ``none`` when empty."""
+    if not spans:
+        return "none"
+    return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in spans)
+
+
+def parse_spans(text: str) -> Spans:
+    """Parse a comma list of ports and ``LOW-HIGH`` ranges; ``ValueError`` says what is wrong."""
+    spans = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        low_text, dash, high_text = item.partition("-")
+        try:
+            low = int(low_text)
+            high = int(high_text) if dash else low
+        except ValueError:
+            raise ValueError(f"{item!r} is not a port or a LOW-HIGH range") from None
+        for port in (low, high):
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is outside 1-65535")
+        if low > high:
+            raise ValueError(f"{item!r} has LOW greater than HIGH")
+        spans.append((low, high))
+    return normalize(spans)
+
+
+@dataclass(frozen=True)
+class PortRange:
+    """The ports leases are taken from, and a sentence saying how they were chosen."""
+
+    spans: Spans
+    origin: str
+    #: Set when ``auto`` had to fall back to ports the OS may also hand to outgoing connections.
+    caveat: str | None = None
+    _ports: array[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ports = array("H")
+        for low, high in self.spans:
+            ports.extend(range(low, high + 1))
+        object.__setattr__(self, "_ports", ports)
+
+    @property
+    def ports(self) -> array[int]:
+        """Every port of the range in ascending order (two bytes each)."""
+        return self._ports
+
+    def __len__(self) -> int:
+        return len(self._ports)
+
+    def __str__(self) -> str:
+        return format_spans(self.spans)
+
+    def longest_run(self) -> int:
+        """The most consecutive ports the range holds, the largest block that can be leased."""
+        return max((high - low + 1 for low, high in self.spans), default=0)
+
+
+@dataclass(frozen=True)
+class SystemPorts:
+    """What the operating system says about its ports."""
+
+    #: Ports the OS hands out by itself (outgoing connections, ``bind(0)``); ``None`` if unknown.
+    auto_assign: Spans | None
+    #: Where ``auto_assign`` was read, for messages.
+    source: str
+    #: Linux ``ip_local_reserved_ports``: inside the auto-assign range but never auto-assigned.
+    reserved: Spans = ()
+    #: Windows' excluded port ranges (Hyper-V, WinNAT): binding there fails.
+    excluded: Spans = ()
+
+
+def derive_auto(system: SystemPorts, exclude: Spans) -> PortRange:
+    """IANA's dynamic range minus what the OS auto-assigns (bar reserved ports) and exclusions."""
+    removed = normalize(exclude + system.excluded)
+    if system.auto_assign is None:
+        safe: Spans = IANA_DYNAMIC
+        how = f"IANA dynamic range 49152-65535 ({system.source})"
+    else:
+        never_assigned = subtract(IANA_DYNAMIC, system.auto_assign)
+        safe = normalize(never_assigned + intersect(system.reserved, IANA_DYNAMIC))
+        how = (
+            f"auto: 49152-65535 minus OS auto-assign {format_spans(system.auto_assign)}"
+            f" ({system.source})"
+        )
+        if intersect(system.reserved, IANA_DYNAMIC):
+            how += f" plus reserved {format_spans(intersect(system.reserved, IANA_DYNAMIC))}"
+    if removed:
+        how += f", minus excluded {format_spans(removed)}"
+    spans = subtract(safe, removed)
+    if count(spans) >= MIN_AUTO_PORTS and system.auto_assign is not None:
+        return PortRange(spans, how)
+    fallback = subtract(IANA_DYNAMIC, removed)
+    caveat = "the OS may also hand these ports to outgoing connections"
+    return PortRange(fallback, f"{how}; fewer than {MIN_AUTO_PORTS} left, so all of it", caveat)
+
+
+# --- What each operating system says ---------------------------------------------------------
+
+Runner = Callable[[Sequence[str]], str]
+
+
+def _run(command: Sequence[str]) -> str:
+    """Output of a short system command; empty when it fails (the caller then knows nothing)."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout if done.returncode == 0 else ""
+
+
+def parse_sysctl_range(output: str) -> Spans | None:
+    """``sysctl -n net.inet.ip.portrange.first net.inet.ip.portrange.last``: two numbers."""
+    numbers = [int(n) for n in re.findall(r"\d+", output)]
+    if len(numbers) != 2 or not 1 <= numbers[0] <= numbers[1] <= 65535:
+        return None
+    return ((numbers[0], numbers[1]),)
+
+
+def parse_netsh_dynamic(output: str) -> Spans | None:
+    """``netsh int ipv4 show dynamicport tcp``: a start port and a number of ports, after colons.
+
+    The labels are translated on non-English Windows, so only the numbers are relied on.
+    """
+    numbers = [int(n) for n in re.findall(r":\s*(\d+)", output)]
+    if len(numbers) < 2 or numbers[1] < 1:
+        return None
+    start, size = numbers[0], numbers[1]
+    return ((start, min(start + size - 1, 65535)),)
+
+
+def parse_netsh_excluded(output: str) -> Spans:
+    """``netsh int ipv4 show excludedportrange protocol=tcp``: rows of ``START END [*]``."""
+    rows = re.findall(r"^\s*(\d+)\s+(\d+)\b", output, flags=re.MULTILINE)
+    return normalize((int(low), int(high)) for low, high in rows if int(low) <= int(high))
+
+
+def _read_linux(proc: Path) -> SystemPorts:
+    source = str(proc / "ip_local_port_range")
+    try:
+        low, high = (int(n) for n in (proc / "ip_local_port_range").read_text().split())
+        reserved_text = (proc / "ip_local_reserved_ports").read_text()
+    except (OSError, ValueError):
+        return SystemPorts(None, f"{source} unreadable")
+    try:
+        reserved = parse_spans(reserved_text)
+    except ValueError:
+        reserved = ()
+    return SystemPorts(((low, high),), source, reserved=reserved)
+
+
+def _read_bsd(run: Runner) -> SystemPorts:
+    command = ["sysctl", "-n", "net.inet.ip.portrange.first", "net.inet.ip.portrange.last"]
+    spans = parse_sysctl_range(run(command))
+    source = "sysctl net.inet.ip.portrange"
+    return SystemPorts(spans, source if spans else f"{source} unavailable")
+
+
+def _read_windows(run: Runner) -> SystemPorts:
+    assigned: list[tuple[int, int]] = []
+    excluded: list[tuple[int, int]] = []
+    for protocol in ("tcp", "udp"):
+        dynamic = parse_netsh_dynamic(
+            run(["netsh", "int", "ipv4", "show", "dynamicport", protocol])
+        )
+        if dynamic is None:
+            return SystemPorts(None, f"netsh dynamicport {protocol} unavailable")
+        assigned.extend(dynamic)
+        command = ["netsh", "int", "ipv4", "show", "excludedportrange", f"protocol={protocol}"]
+        excluded.extend(parse_netsh_excluded(run(command)))
+    source = "netsh int ipv4 show dynamicport tcp/udp"
+    return SystemPorts(normalize(assigned), source, excluded=normalize(excluded))
+
+
+def read_system_ports(platform: str = sys.platform, run: Runner = _run) -> SystemPorts:
+    """Ask this operating system which ports it auto-assigns (``run`` executes a command)."""
+    if platform.startswith("linux"):
+        return _read_linux(_LINUX_PROC)
+    if platform == "win32":
+        return _read_windows(run)
+    if platform == "darwin" or "bsd" in platform:
+        return _read_bsd(run)
+    return SystemPorts(None, f"unknown for platform {platform}")

@@ -1,0 +1,236 @@
+"""The pytest plugin: options, fixtures (``free_port``, ``free_socket``, ``port_factory``), header.
+
+A thin layer over the leasing core: settings are resolved once in ``pytest_configure`` and kept in
+``config.stash``; the allocator (and ``filelock`` with it) is created on the first lease, so a
+suite that leases no port does not pay for it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, final
+from uuid import uuid4
+
+import pytest
+
+from ._errors import ConfigError
+from ._holder import Holder, this_process
+from ._probe import bound_socket, family_of
+from ._settings import NAMES, Layer, Raw, Settings, env_layer, env_var, resolve
+
+if TYPE_CHECKING:
+    from ._allocator import PortAllocator
+
+_HELP = {
+    "port_range": "Ports to lease from: LOW-HIGH, or auto (the part of 49152-65535 the OS never"
+    " auto-assigns). Default: auto",
+    "exclude": "Ports never to lease: a comma list of ports and LOW-HIGH ranges",
+    "lock_dir": "Directory of the per-port lock files shared by all runs that must not clash."
+    " Default: <temp dir>/pytest-ephemeral-of-<user>",
+    "host": "Local address leased ports are bind-checked on. Default: 127.0.0.1",
+    "timeout": "Seconds to wait for a port while other runs hold them all. Default: 10",
+}
+_METAVAR = {
+    "port_range": "LOW-HIGH|auto",
+    "exclude": "SPEC",
+    "lock_dir": "PATH",
+    "host": "ADDRESS",
+    "timeout": "SECONDS",
+}
+
+
+def _option(name: str) -> str:
+    return "--ephemeral-" + name.replace("_", "-")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ephemeral", "leased network ports (pytest-ephemeral)")
+    for name in NAMES:
+        help_text = f"{_HELP[name]}. Environment variable: {env_var(name)}"
+        group.addoption(
+            _option(name), dest=f"ephemeral_{name}", metavar=_METAVAR[name], help=help_text
+        )
+        if name == "timeout":  # a number in pytest 9's native TOML table: ephemeral_timeout = 3
+            parser.addini(f"ephemeral_{name}", _HELP[name], type="float", default=None)
+        else:
+            parser.addini(f"ephemeral_{name}", _HELP[name], type="string", default=None)
+
+
+class _State:
+    """What the plugin keeps per process: the settings, and the allocator once a port is leased."""
+
+    def __init__(self, settings: Settings, holder: Holder) -> None:
+        self.settings = settings
+        self.holder = holder
+        self.nodeid: str | None = None  # the test running now, for holder records
+        self._allocator: PortAllocator | None = None
+
+    @property
+    def allocator(self) -> PortAllocator:
+        if self._allocator is None:
+            from ._allocator import PortAllocator  # imports filelock: only when a port is leased
+
+            self._allocator = PortAllocator(self.settings, self.holder)
+        return self._allocator
+
+    def close(self) -> None:
+        if self._allocator is not None:
+            self._allocator.release_all()
+
+
+_STATE = pytest.StashKey[_State]()
+
+
+def _cli_layer(config: pytest.Config) -> Layer:
+    layer = {}
+    for name in NAMES:
+        value = getattr(config.option, f"ephemeral_{name}", None)
+        if value is not None:
+            layer[name] = Raw(value, f"command-line option {_option(name)}")
+    return layer
+
+
+def _ini_layer(config: pytest.Config) -> Layer:
+    layer = {}
+    for name in NAMES:
+        key = f"ephemeral_{name}"
+        try:
+            value = config.getini(key)
+        except (TypeError, ValueError, pytest.UsageError) as error:  # pytest >= 9.2 wraps them
+            raise pytest.UsageError(f"bad value for {key} in {config.inipath}: {error}") from None
+        if value is not None and value != "":
+            layer[name] = Raw(value, f"{key} in config file {config.inipath}")
+    return layer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    layers = (_cli_layer(config), env_layer(os.environ), _ini_layer(config))
+    try:
+        settings = resolve(*layers)
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from None
+    workerinput = getattr(config, "workerinput", None) or {}
+    holder = this_process(workerinput.get("workerid"), workerinput.get("testrunuid") or uuid4().hex)
+    config.stash[_STATE] = _State(settings, holder)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is not None:
+        state.close()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    settings = config.stash[_STATE].settings
+    ports = settings.ports
+    how = ports.origin + (f"; {ports.caveat}" if ports.caveat else "")
+    return f"ephemeral ports: {ports} ({len(ports)} ports; {how}), lock dir: {settings.lock_dir}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    state = item.config.stash[_STATE]
+    state.nodeid = item.nodeid
+    try:
+        return (yield)
+    finally:
+        state.nodeid = None
+
+
+@final
+class PortFactory:
+    """Leases ports until released or the session ends; the ``port_factory`` fixture returns one."""
+
+    def __init__(self, state: _State) -> None:
+        self._state = state
+        self._mine: set[int] = set()
+        self._sockets: dict[int, socket.socket] = {}
+
+    def __call__(self, *, protocol: str = "tcp") -> int:
+        """Lease one port, bind-checked for ``protocol``: "tcp", "udp" or "both"."""
+        return self.block(1, protocol=protocol)[0]
+
+    def block(self, n: int, *, protocol: str = "tcp") -> list[int]:
+        """Lease ``n`` consecutive ports."""
+        ports = self._state.allocator.lease_block(n, protocol, self._state.nodeid)
+        self._mine.update(ports)
+        return ports
+
+    def socket(self, *, protocol: str = "tcp", host: str | None = None) -> socket.socket:
+        """A socket already bound to a newly leased port on ``host`` (default: the configured host).
+
+        ``protocol`` is "tcp" (not yet listening) or "udp". The socket is closed, and the lease
+        ended, by ``release(port)`` or at the end of the session.
+        """
+        if protocol not in ("tcp", "udp"):
+            raise ValueError(f"protocol must be 'tcp' or 'udp', not {protocol!r}")
+        port = self(protocol=protocol)
+        try:
+            sock = _bind(host or self._state.settings.host, port, protocol)
+        except BaseException:
+            self.release(port)
+            raise
+        self._sockets[port] = sock
+        return sock
+
+    def release(self, port: int) -> None:
+        """End the lease of one port early; ``ValueError`` if this factory does not hold it."""
+        if port not in self._mine:
+            raise ValueError(f"port {port} is not leased by this port_factory")
+        self._mine.remove(port)
+        sock = self._sockets.pop(port, None)
+        if sock is not None:
+            sock.close()
+        self._state.allocator.release(port)
+
+    def _release_all(self) -> None:
+        for port in sorted(self._mine):
+            self.release(port)
+
+
+@pytest.fixture(scope="session")
+def port_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
+    """Session-scoped factory of leased ports, safe across xdist workers and concurrent runs.
+
+    ``port_factory(protocol="tcp")`` leases one port ("tcp", "udp" or "both"),
+    ``port_factory.block(n)`` leases n consecutive ports, ``port_factory.release(port)`` ends a
+    lease early. Every other lease ends when the session ends.
+    """
+    factory = PortFactory(request.config.stash[_STATE])
+    yield factory
+    factory._release_all()
+
+
+def _bind(host: str, port: int, protocol: str) -> socket.socket:
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    return bound_socket(family_of(host), kind, host, port)
+
+
+@pytest.fixture
+def free_port(request: pytest.FixtureRequest) -> Iterator[int]:
+    """A TCP port leased for this test alone: free now, and held from other tests and pytest runs
+    until this test's teardown, after the fixtures that use it."""
+    allocator = request.config.stash[_STATE].allocator
+    port = allocator.lease("tcp", request.node.nodeid)
+    yield port
+    allocator.release(port)
+
+
+@pytest.fixture
+def free_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
+    """A TCP socket already bound to a port leased for this test, on the configured host, not yet
+    listening: hand it to a server (asyncio ``start_server(sock=...)``, ``socketserver``, uvicorn
+    ``fd=``) and no other program can take the port in between. Closed, and the lease ended, at
+    teardown; closing it earlier does not end the lease."""
+    state = request.config.stash[_STATE]
+    port = state.allocator.lease("tcp", request.node.nodeid)
+    try:
+        sock = _bind(state.settings.host, port, "tcp")
+    except BaseException:
+        state.allocator.release(port)
+        raise
+    with sock:
+        yield sock
+    state.allocator.release(port)

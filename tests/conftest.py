@@ -1,0 +1,87 @@
+"""Shared fixtures: keep every inner pytest run of this suite out of every other one's way.
+
+Inner runs (through ``pytester``) lease from 61000-64999 and share the machine's default lock dir,
+so they coordinate with each other, with other suites on this machine, and across outer xdist
+workers. A test that needs a narrow range of its own takes one with ``private_range``: a block of
+65000-65535 leased by this process (so no other test gets it) and an empty lock dir of its own for
+the inner run (so this process's locks do not look like other runs' to it).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pytest_ephemeral import PortAllocator
+from pytest_ephemeral._settings import Raw, default_lock_dir, resolve
+
+INNER_RANGE = "61000-64999"
+PRIVATE_BAND = "65000-65535"
+PYTHON = sys.executable
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _inner_runs_share_a_band() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTEST_EPHEMERAL_PORT_RANGE", INNER_RANGE)
+        patch.setenv("PYTEST_EPHEMERAL_LOCK_DIR", str(default_lock_dir()))
+        for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+            patch.delenv(name, raising=False)
+        patch.delenv("PYTEST_ADDOPTS", raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def band_allocator() -> Iterator[PortAllocator]:
+    origin = "tests/conftest.py"
+    settings = resolve(
+        {
+            "port_range": Raw(PRIVATE_BAND, origin),
+            "lock_dir": Raw(str(default_lock_dir()), origin),
+            "timeout": Raw(60, origin),
+        }
+    )
+    allocator = PortAllocator(settings)
+    yield allocator
+    allocator.release_all()
+
+
+@dataclass(frozen=True)
+class PrivateRange:
+    """Ports no other test of this suite uses, and a lock dir no other run uses."""
+
+    ports: list[int]
+    lock_dir: Path
+
+    @property
+    def spec(self) -> str:
+        return f"{self.ports[0]}-{self.ports[-1]}"
+
+    @property
+    def args(self) -> list[str]:
+        """Command-line options that point an inner run at this range and lock dir."""
+        return [f"--ephemeral-port-range={self.spec}", f"--ephemeral-lock-dir={self.lock_dir}"]
+
+
+@pytest.fixture
+def private_range(
+    band_allocator: PortAllocator, tmp_path: Path
+) -> Iterator[Callable[[int], PrivateRange]]:
+    taken: list[int] = []
+
+    def make(n: int) -> PrivateRange:
+        ports = band_allocator.lease_block(n)
+        taken.extend(ports)
+        lock_dir = tmp_path / f"locks-{ports[0]}"
+        lock_dir.mkdir(mode=0o700)
+        return PrivateRange(ports, lock_dir)
+
+    yield make
+    for port in taken:
+        band_allocator.release(port)

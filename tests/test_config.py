@@ -1,0 +1,200 @@
+"""Settings: precedence, every config file format, and a clear usage error for every bad value."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ENV_RANGE = "PYTEST_EPHEMERAL_PORT_RANGE"
+
+
+def header(result: pytest.RunResult) -> str:
+    return next(line for line in result.outlines if line.startswith("ephemeral ports: "))
+
+
+@pytest.fixture
+def run(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile("def test_nothing(): pass")
+    return pytester
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "ini", "expected"),
+    [
+        (
+            ["--ephemeral-port-range=abc"],
+            {},
+            "",
+            "'abc' from command-line option --ephemeral-port-range",
+        ),
+        (
+            [],
+            {ENV_RANGE: "62000-61000"},
+            "",
+            f"'62000-61000' from environment variable {ENV_RANGE}",
+        ),
+        (
+            [],
+            {},
+            "ephemeral_port_range = 0-70000",
+            "'0-70000' from ephemeral_port_range in config file",
+        ),
+        (["--ephemeral-port-range=61000-99999"], {}, "", "port 99999 is outside 1-65535"),
+        (
+            ["--ephemeral-exclude=61000-x"],
+            {},
+            "",
+            "'61000-x' from command-line option --ephemeral-exclude",
+        ),
+        (
+            ["--ephemeral-port-range=61000-61001"],
+            {"PYTEST_EPHEMERAL_EXCLUDE": "61000, 61001"},
+            "",
+            "no port left to lease: 61000-61001 from command-line option --ephemeral-port-range"
+            " minus the exclusions (61000-61001 from environment variable"
+            " PYTEST_EPHEMERAL_EXCLUDE) is empty",
+        ),
+        ([], {}, "ephemeral_exclude = 1-65535", "no port left to lease: the auto range"),
+        (["--ephemeral-host=192.0.2.7"], {}, "", "not a local address of this machine"),
+        (
+            [],
+            {"PYTEST_EPHEMERAL_HOST": "example.org"},
+            "",
+            "'example.org' from environment variable",
+        ),
+        (["--ephemeral-timeout=-1"], {}, "", "'-1' from command-line option --ephemeral-timeout"),
+        (["--ephemeral-timeout=inf"], {}, "", "the timeout must be a finite number >= 0"),
+        ([], {"PYTEST_EPHEMERAL_TIMEOUT": "soon"}, "", "'soon' from environment variable"),
+        ([], {}, "ephemeral_timeout = soon", "bad value for ephemeral_timeout in *tox.ini"),
+    ],
+)
+def test_bad_value_is_a_usage_error_naming_its_source(
+    run: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str],
+    ini: str,
+    expected: str,
+) -> None:
+    monkeypatch.delenv(ENV_RANGE)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if ini:
+        run.makefile(".ini", tox=f"[pytest]\n{ini}\n")
+    result = run.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: *{expected}*"])
+
+
+def test_precedence_command_line_then_environment_then_config_file(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run.makefile(".ini", pytest="[pytest]\nephemeral_port_range = 61000-61099\n")
+    monkeypatch.delenv(ENV_RANGE)
+    assert "61000-61099 (100 ports; set by ephemeral_port_range in config file" in header(
+        run.runpytest()
+    )
+    monkeypatch.setenv(ENV_RANGE, "61100-61199")
+    assert "61100-61199 (100 ports; set by environment variable" in header(run.runpytest())
+    result = run.runpytest("--ephemeral-port-range=61200-61299")
+    assert "61200-61299 (100 ports; set by command-line option" in header(result)
+
+
+@pytest.mark.parametrize(
+    ("filename", "text"),
+    [
+        ("pytest.ini", "[pytest]\nephemeral_exclude = 61000-61009\nephemeral_timeout = 2.5\n"),
+        ("tox.ini", "[pytest]\nephemeral_exclude = 61000-61009\n"),
+        ("setup.cfg", "[tool:pytest]\nephemeral_exclude = 61000-61009\n"),
+        ("pyproject.toml", '[tool.pytest.ini_options]\nephemeral_exclude = "61000-61009"\n'),
+        (
+            "pyproject.toml",
+            '[tool.pytest]\nephemeral_exclude = "61000-61009"\nephemeral_timeout = 3\n',
+        ),
+    ],
+    ids=["pytest.ini", "tox.ini", "setup.cfg", "ini_options", "native-toml"],
+)
+def test_every_config_file_format(run: pytest.Pytester, filename: str, text: str) -> None:
+    (run.path / filename).write_text(text)
+    result = run.runpytest()
+    assert result.ret == pytest.ExitCode.OK
+    assert "ephemeral ports: 61010-64999 (3990 ports; set by environment variable" in header(result)
+
+
+def test_native_toml_timeout_must_be_a_number(run: pytest.Pytester) -> None:
+    (run.path / "pyproject.toml").write_text('[tool.pytest]\nephemeral_timeout = "3"\n')
+    result = run.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: bad value for ephemeral_timeout in *pyproject.toml*"])
+
+
+# --- The lock directory ---------------------------------------------------------------------
+
+
+def test_default_lock_dir_is_private_and_per_user(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("PYTEST_EPHEMERAL_LOCK_DIR")
+    monkeypatch.setenv("PYTEST_DEBUG_TEMPROOT", str(tmp_path))
+    monkeypatch.setenv("USER", "alice")
+    monkeypatch.setenv("LOGNAME", "alice")
+    (tmp_path / "pytest-ephemeral-of-alice").mkdir(mode=0o755)
+    os.chmod(tmp_path / "pytest-ephemeral-of-alice", 0o755)
+    result = run.runpytest()
+    assert result.ret == pytest.ExitCode.OK
+    assert header(result).endswith(f"lock dir: {tmp_path / 'pytest-ephemeral-of-alice'}")
+    assert (tmp_path / "pytest-ephemeral-of-alice").stat().st_mode & 0o777 == 0o700
+
+
+def test_default_lock_dir_that_is_a_symlink_is_refused(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("PYTEST_EPHEMERAL_LOCK_DIR")
+    monkeypatch.setenv("PYTEST_DEBUG_TEMPROOT", str(tmp_path))
+    monkeypatch.setenv("USER", "mallory-target")
+    monkeypatch.setenv("LOGNAME", "mallory-target")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "pytest-ephemeral-of-mallory-target").symlink_to(tmp_path / "elsewhere")
+    result = run.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: lock dir * is a symbolic link. Fix this and try again*"])
+
+
+def test_explicit_lock_dir_symlink_is_refused(run: pytest.Pytester, tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    result = run.runpytest(f"--ephemeral-lock-dir={tmp_path / 'link'}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: lock dir * from command-line option --ephemeral-lock-dir is a symbolic link*"]
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs chown (root)")
+def test_lock_dir_owned_by_another_user_is_refused(run: pytest.Pytester, tmp_path: Path) -> None:
+    shared = tmp_path / "theirs"
+    shared.mkdir(mode=0o777)
+    os.chown(shared, 65534, 65534)
+    result = run.runpytest(f"--ephemeral-lock-dir={shared}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: lock dir * is not owned by the current user. Fix this*"])
+
+
+def test_explicit_shared_lock_dir_keeps_its_permissions(
+    run: pytest.Pytester, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o775)
+    result = run.runpytest(f"--ephemeral-lock-dir={shared}")
+    assert result.ret == pytest.ExitCode.OK
+    assert shared.stat().st_mode & 0o777 == 0o775
+
+
+def test_lock_dir_that_cannot_be_created(run: pytest.Pytester, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = run.runpytest(f"--ephemeral-lock-dir={tmp_path / 'file' / 'locks'}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: cannot create lock dir *file/locks* Not a directory"])

@@ -1,0 +1,352 @@
+"""The fixtures in real pytest sessions: with and without xdist, on real sockets and locks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_ephemeral import PortAllocator, PortsExhausted
+from pytest_ephemeral._settings import Raw, resolve
+
+from .conftest import PrivateRange
+from .helpers import assert_no_shared_overlap, bind_fails, hold_tests, read_holds
+
+XDIST_MODES = [["-n", "4"], ["-n", "2"], ["-p", "no:xdist"]]
+MakeRange = Callable[[int], PrivateRange]
+
+
+@pytest.fixture
+def holds_file(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = pytester.path / "holds.txt"
+    monkeypatch.setenv("HOLDS_FILE", str(path))
+    return path
+
+
+@pytest.mark.parametrize("mode", XDIST_MODES, ids=" ".join)
+def test_concurrent_holds_never_share_a_port(
+    pytester: pytest.Pytester, holds_file: Path, mode: list[str]
+) -> None:
+    pytester.makepyfile(hold_tests(120))
+    result = pytester.runpytest_subprocess(*mode, timeout=300)
+    result.assert_outcomes(passed=120)
+    holds = read_holds(holds_file)
+    assert len(holds) == 120
+    assert_no_shared_overlap(holds)
+
+
+def test_a_narrow_range_is_shared_in_turn_under_xdist(
+    pytester: pytest.Pytester, holds_file: Path, private_range: MakeRange
+) -> None:
+    """Six ports for 120 tests on 4 workers: ports are reused, never at the same time."""
+    private = private_range(6)
+    pytester.makepyfile(hold_tests(120))
+    result = pytester.runpytest_subprocess("-n", "4", *private.args, timeout=300)
+    result.assert_outcomes(passed=120)
+    holds = read_holds(holds_file)
+    assert {port for port, _, _ in holds} <= set(private.ports)
+    assert len({port for port, _, _ in holds}) > 1
+    assert_no_shared_overlap(holds)
+
+
+def _lease_all_tests(n: int, protocol: str = "tcp") -> str:
+    return textwrap.dedent(
+        f"""
+        from __future__ import annotations
+        import os
+
+
+        def test_lease_all(port_factory) -> None:
+            ports = [port_factory(protocol={protocol!r}) for _ in range({n})]
+            with open(os.environ["HOLDS_FILE"], "w") as out:
+                out.write(" ".join(map(str, ports)))
+        """
+    )
+
+
+def _bound(
+    family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int
+) -> socket.socket:
+    sock = socket.socket(family, kind)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("family", "kind", "host", "protocol"),
+    [
+        (socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", "tcp"),
+        (socket.AF_INET6, socket.SOCK_STREAM, "::1", "tcp"),
+        (socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1", "udp"),
+        (socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1", "both"),
+        (socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", "both"),
+    ],
+    ids=["ipv4-tcp", "ipv6-tcp", "udp", "udp-both", "tcp-both"],
+)
+def test_a_port_bound_by_another_program_is_never_leased(
+    pytester: pytest.Pytester,
+    holds_file: Path,
+    private_range: MakeRange,
+    family: socket.AddressFamily,
+    kind: socket.SocketKind,
+    host: str,
+    protocol: str,
+) -> None:
+    private = private_range(3)
+    taken = private.ports[1]
+    pytester.makepyfile(_lease_all_tests(2, protocol))
+    with _bound(family, kind, host, taken):
+        result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result.assert_outcomes(passed=1)
+    assert sorted(map(int, holds_file.read_text().split())) == [private.ports[0], private.ports[2]]
+
+
+def test_tcp_and_udp_are_separate_port_spaces(
+    pytester: pytest.Pytester, holds_file: Path, private_range: MakeRange
+) -> None:
+    """A UDP holder does not keep a port from a TCP lease (the probe checks what was asked)."""
+    private = private_range(1)
+    pytester.makepyfile(_lease_all_tests(1, "tcp"))
+    with _bound(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1", private.ports[0]):
+        result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result.assert_outcomes(passed=1)
+    assert holds_file.read_text() == str(private.ports[0])
+
+
+def _time_wait_on(port: int) -> None:
+    """Leave ``port`` in TIME_WAIT: the server side closes its connection first."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # active close on the server's side: its port goes to TIME_WAIT
+        assert client.recv(1) == b""
+        client.close()
+
+
+def test_a_port_in_time_wait_is_never_leased(
+    pytester: pytest.Pytester, holds_file: Path, private_range: MakeRange
+) -> None:
+    private = private_range(3)
+    waiting = private.ports[0]
+    _time_wait_on(waiting)
+    assert bind_fails(waiting), "precondition: the port is in TIME_WAIT"
+    pytester.makepyfile(_lease_all_tests(2))
+    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result.assert_outcomes(passed=1)
+    assert sorted(map(int, holds_file.read_text().split())) == private.ports[1:]
+
+
+HOLDER_SCRIPT = """
+import sys
+from pytest_ephemeral import PortAllocator
+from pytest_ephemeral._settings import Raw, resolve
+
+settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
+allocator = PortAllocator(settings)
+ports = allocator.lease_block(len(settings.ports))
+print(" ".join(map(str, ports)), flush=True)
+sys.stdin.read()  # hold the leases until killed
+"""
+
+
+@pytest.fixture
+def holder_process(
+    private_range: MakeRange,
+) -> Iterator[tuple[subprocess.Popen[str], PrivateRange]]:
+    """A separate process holding every port of a private range through real locks."""
+    private = private_range(3)
+    command = [sys.executable, "-c", HOLDER_SCRIPT, private.spec, str(private.lock_dir)]
+    with subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline().split() == [str(p) for p in private.ports]
+            yield process, private
+        finally:
+            process.kill()
+
+
+def _allocator(private: PrivateRange, timeout: float = 0) -> PortAllocator:
+    return PortAllocator(
+        resolve(
+            {
+                "port_range": Raw(private.spec, "test"),
+                "lock_dir": Raw(str(private.lock_dir), "test"),
+                "timeout": Raw(timeout, "test"),
+            }
+        )
+    )
+
+
+def test_leases_of_a_killed_process_vanish_with_it(
+    pytester: pytest.Pytester,
+    holds_file: Path,
+    holder_process: tuple[subprocess.Popen[str], PrivateRange],
+) -> None:
+    process, private = holder_process
+    with pytest.raises(PortsExhausted, match="3 locked by other runs"):
+        _allocator(private).lease()
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    pytester.makepyfile(_lease_all_tests(3))
+    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result.assert_outcomes(passed=1)
+    assert sorted(map(int, holds_file.read_text().split())) == private.ports
+
+
+def test_exhaustion_waits_for_the_timeout_then_names_the_range(
+    pytester: pytest.Pytester, holder_process: tuple[subprocess.Popen[str], PrivateRange]
+) -> None:
+    _, private = holder_process
+    pytester.makepyfile("def test_one(free_port): pass")
+    result = pytester.runpytest_subprocess(
+        "-p", "no:xdist", *private.args, "--ephemeral-timeout=0.5", timeout=120
+    )
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            f"*PortsExhausted: no free port in {private.spec} (3 ports) within 0.5 s:"
+            " 3 locked by other runs, 0 bound by other programs, 0 held by this process.",
+            "*Widen the range (--ephemeral-port-range)*",
+        ]
+    )
+
+
+def test_exhaustion_by_this_process_fails_at_once(
+    pytester: pytest.Pytester, private_range: MakeRange
+) -> None:
+    private = private_range(2)
+    pytester.makepyfile(
+        """
+        import time
+        import pytest
+        from pytest_ephemeral import PortsExhausted
+
+        def test_third(port_factory):
+            port_factory.block(2)
+            started = time.monotonic()
+            with pytest.raises(PortsExhausted, match="no free port .* now: .* 2 held by this"):
+                port_factory()
+            assert time.monotonic() - started < 5  # the timeout is 60 s: no waiting happened
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:xdist", *private.args, "--ephemeral-timeout=60", timeout=120
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_port_factory_api(pytester: pytest.Pytester, private_range: MakeRange) -> None:
+    private = private_range(6)
+    low = private.ports[0]
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        def test_factory(port_factory):
+            block = port_factory.block(3, protocol="both")
+            assert block == list(range(block[0], block[0] + 3))
+            single = port_factory(protocol="udp")
+            assert single not in block
+            port_factory.release(block[1])
+            with pytest.raises(ValueError, match="not leased by this port_factory"):
+                port_factory.release(block[1])
+            with pytest.raises(ValueError, match="longest run in {private.spec} is 6"):
+                port_factory.block(7)
+            with pytest.raises(ValueError, match="at least one port"):
+                port_factory.block(0)
+            with pytest.raises(ValueError, match="protocol must be"):
+                port_factory(protocol="sctp")
+
+        def test_free_port_is_not_the_factorys(free_port, port_factory):
+            assert {low} <= free_port <= {low + 5}
+            with pytest.raises(ValueError, match="not leased by this port_factory"):
+                port_factory.release(free_port)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result.assert_outcomes(passed=2)
+
+
+def test_free_port_is_released_after_the_fixtures_using_it(
+    pytester: pytest.Pytester, private_range: MakeRange
+) -> None:
+    private = private_range(1)
+    pytester.makepyfile(
+        """
+        import socket
+        import pytest
+
+        @pytest.fixture
+        def server(free_port):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", free_port))
+            yield sock
+            sock.close()
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_each_gets_the_only_port(server, i):
+            assert server.getsockname()[1] > 0
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result.assert_outcomes(passed=3)
+
+
+def test_report_header_and_fixture_docs(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "--fixtures", timeout=120)
+    result.stdout.fnmatch_lines(
+        [
+            "ephemeral ports: 61000-64999 (4000 ports; set by environment variable"
+            " PYTEST_EPHEMERAL_PORT_RANGE), lock dir: *",
+            "port_factory [[]session scope[]]*",
+            "*Session-scoped factory of leased ports*",
+            "free_port*",
+            "*A TCP port leased for this test alone*",
+            "free_socket*",
+            "*A TCP socket already bound to a port leased for this test*",
+        ]
+    )
+
+
+def test_auto_avoids_the_range_the_kernel_auto_assigns(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    monkeypatch.delenv("PYTEST_EPHEMERAL_PORT_RANGE")
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest_subprocess("-p", "no:xdist", timeout=120)
+    header = next(line for line in result.outlines if line.startswith("ephemeral ports: "))
+    spans = header.split()[2].split(",")
+    for span in spans:
+        first, _, last = span.partition("-")
+        ports = range(int(first), int(last or first) + 1)
+        assert ports[0] >= 49152
+        assert ports[-1] <= 65535
+        assert not set(ports) & set(range(low, high + 1))
+    assert f"OS auto-assign {low}-{high} (/proc/sys/net/ipv4/ip_local_port_range)" in header
+
+
+def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_port(free_port): pass")
+    result = pytester.runpytest_subprocess("-p", "no:ephemeral", "-p", "no:xdist", timeout=120)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'free_port' not found*"])
+    assert "ephemeral ports:" not in result.stdout.str()
