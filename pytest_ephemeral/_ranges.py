@@ -38,8 +38,9 @@ def normalize(spans: Iterable[tuple[int, int]]) -> Spans:
 def subtract(spans: Spans, removed: Spans) -> Spans:
     """The ports of ``spans`` that are not in ``removed``."""
     result: list[tuple[int, int]] = []
+    cuts = normalize(removed)
     for low, high in spans:
-        for cut_low, cut_high in removed:
+        for cut_low, cut_high in cuts:
             if cut_high < low or cut_low > high:
                 continue
             if cut_low > low:
@@ -77,12 +78,11 @@ def parse_spans(text: str) -> Spans:
         item = item.strip()
         if not item:
             continue
-        low_text, dash, high_text = item.partition("-")
-        try:
-            low = int(low_text)
-            high = int(high_text) if dash else low
-        except ValueError:
-            raise ValueError(f"{item!r} is not a port or a LOW-HIGH range") from None
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
+        if match is None:
+            raise ValueError(f"{item!r} is not a port or a LOW-HIGH range")
+        low = int(match[1])
+        high = int(match[2] or low)
         for port in (low, high):
             if not 1 <= port <= 65535:
                 raise ValueError(f"port {port} is outside 1-65535")
@@ -143,7 +143,7 @@ def derive_auto(system: SystemPorts, exclude: Spans) -> PortRange:
     removed = normalize(exclude + system.excluded)
     if system.auto_assign is None:
         safe: Spans = IANA_DYNAMIC
-        how = f"IANA dynamic range 49152-65535 ({system.source})"
+        how = f"auto: 49152-65535, the OS auto-assign range unknown ({system.source})"
     else:
         never_assigned = subtract(IANA_DYNAMIC, system.auto_assign)
         safe = normalize(never_assigned + intersect(system.reserved, IANA_DYNAMIC))
@@ -160,7 +160,9 @@ def derive_auto(system: SystemPorts, exclude: Spans) -> PortRange:
         return PortRange(spans, how)
     fallback = subtract(IANA_DYNAMIC, removed)
     caveat = "the OS may also hand these ports to outgoing connections"
-    return PortRange(fallback, f"{how}; fewer than {MIN_AUTO_PORTS} left, so all of it", caveat)
+    if system.auto_assign is not None:
+        how += f"; fewer than {MIN_AUTO_PORTS} left, so all of 49152-65535"
+    return PortRange(fallback, how, caveat)
 
 
 # --- What each operating system says ---------------------------------------------------------
@@ -171,7 +173,10 @@ Runner = Callable[[Sequence[str]], str]
 def _run(command: Sequence[str]) -> str:
     """Output of a short system command; empty when it fails (the caller then knows nothing)."""
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+        # errors="replace": localised netsh writes the OEM code page; only the digits matter.
+        done = subprocess.run(
+            command, capture_output=True, text=True, errors="replace", timeout=10, check=False
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
     return done.stdout if done.returncode == 0 else ""
@@ -179,10 +184,10 @@ def _run(command: Sequence[str]) -> str:
 
 def parse_sysctl_range(output: str) -> Spans | None:
     """``sysctl -n net.inet.ip.portrange.first net.inet.ip.portrange.last``: two numbers."""
-    numbers = [int(n) for n in re.findall(r"\d+", output)]
+    numbers = sorted(int(n) for n in re.findall(r"\d+", output))
     if len(numbers) != 2 or not 1 <= numbers[0] <= numbers[1] <= 65535:
         return None
-    return ((numbers[0], numbers[1]),)
+    return ((numbers[0], numbers[1]),)  # BSD counts down when first > last: same ports
 
 
 def parse_netsh_dynamic(output: str) -> Spans | None:
@@ -190,7 +195,7 @@ def parse_netsh_dynamic(output: str) -> Spans | None:
 
     The labels are translated on non-English Windows, so only the numbers are relied on.
     """
-    numbers = [int(n) for n in re.findall(r":\s*(\d+)", output)]
+    numbers = [int(n) for n in re.findall(r":[ \t]*(\d+)", output)]
     if len(numbers) < 2 or numbers[1] < 1:
         return None
     start, size = numbers[0], numbers[1]
@@ -199,7 +204,7 @@ def parse_netsh_dynamic(output: str) -> Spans | None:
 
 def parse_netsh_excluded(output: str) -> Spans:
     """``netsh int ipv4 show excludedportrange protocol=tcp``: rows of ``START END [*]``."""
-    rows = re.findall(r"^\s*(\d+)\s+(\d+)\b", output, flags=re.MULTILINE)
+    rows = re.findall(r"^[ \t]*(\d+)[ \t]+(\d+)\b", output, flags=re.MULTILINE)
     return normalize((int(low), int(high)) for low, high in rows if int(low) <= int(high))
 
 
@@ -207,13 +212,12 @@ def _read_linux(proc: Path) -> SystemPorts:
     source = str(proc / "ip_local_port_range")
     try:
         low, high = (int(n) for n in (proc / "ip_local_port_range").read_text().split())
-        reserved_text = (proc / "ip_local_reserved_ports").read_text()
     except (OSError, ValueError):
         return SystemPorts(None, f"{source} unreadable")
     try:
-        reserved = parse_spans(reserved_text)
-    except ValueError:
-        reserved = ()
+        reserved = parse_spans((proc / "ip_local_reserved_ports").read_text())
+    except (OSError, ValueError):
+        reserved = ()  # an old kernel without the file: nothing is reserved
     return SystemPorts(((low, high),), source, reserved=reserved)
 
 
