@@ -13,11 +13,12 @@ from ._errors import ConfigError, EphemeralError, PortsExhausted
 if TYPE_CHECKING:
     from ._allocator import PortAllocator
     from ._api import lease_block, lease_port
-    from .plugin import PortFactory
+    from .plugin import EphemeralPortWarning, PortFactory
 
 __all__ = [
     "ConfigError",
     "EphemeralError",
+    "EphemeralPortWarning",
     "PortAllocator",
     "PortFactory",
     "PortsExhausted",
@@ -27,6 +28,7 @@ __all__ = [
 
 _LAZY = {
     "PortAllocator": "._allocator",
+    "EphemeralPortWarning": ".plugin",
     "PortFactory": ".plugin",
     "lease_block": "._api",
     "lease_port": "._api",

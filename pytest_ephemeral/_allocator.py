@@ -68,7 +68,7 @@ class PortAllocator:
         self.stats = Stats()
         self._ports = settings.ports.ports
         self._lock_dir = str(settings.lock_dir)
-        self._targets = bind_targets(settings.host)
+        self.targets = bind_targets(settings.host)  # where the bind probe binds
         self._held: dict[int, Lease] = {}
         self._cursor = random.randrange(len(self._ports))
         self._mutex = threading.Lock()
@@ -171,7 +171,7 @@ class PortAllocator:
             seen.locked.append(port)
             self.stats.skipped_locked += 1
             return None
-        if not is_free(port, kinds, self._targets):
+        if not is_free(port, kinds, self.targets):
             unlock(fd, self._pid)
             seen.bound += 1
             self.stats.skipped_bound += 1

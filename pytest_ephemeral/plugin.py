@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING, final
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, final
 from uuid import uuid4
 
 import pytest
@@ -19,6 +21,7 @@ from ._errors import ConfigError
 from ._holder import Holder, this_process
 from ._probe import bound_socket, family_of
 from ._settings import NAMES, Layer, Raw, Settings, env_layer, env_var, resolve
+from ._sockstate import still_in_use
 
 if TYPE_CHECKING:
     from ._allocator import PortAllocator
@@ -58,6 +61,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             parser.addini(f"ephemeral_{name}", _HELP[name], type="string", default=None)
 
 
+class EphemeralPortWarning(pytest.PytestWarning):
+    """A leased port was still in use when its lease ended: a server or socket left open."""
+
+    __module__ = "pytest_ephemeral"
+
+
 class _State:
     """What the plugin keeps per process: the settings, and the allocator once a port is leased."""
 
@@ -65,6 +74,8 @@ class _State:
         self.settings = settings
         self.holder = holder
         self.nodeid: str | None = None  # the test running now, for holder records
+        self.leaks = 0
+        self.totals: dict[str, float] = {}  # figures from xdist workers, for the summary
         self._allocator: PortAllocator | None = None
 
     @property
@@ -74,6 +85,33 @@ class _State:
 
             self._allocator = PortAllocator(self.settings, self.holder)
         return self._allocator
+
+    def end_lease(self, port: int, nodeid: str | None) -> None:
+        """Release ``port``, warning first if the test left something using it.
+
+        Checked while the lease is still held, so whatever uses the port is the test's own.
+        """
+        use = still_in_use(port, self.settings.host, self.allocator.targets)
+        self.allocator.release(port)  # before warning: -W error turns the warning into a raise
+        if use is not None:
+            self.leaks += 1
+            warnings.warn(
+                EphemeralPortWarning(
+                    f"port {port}, leased by {nodeid or 'the session'}, is still {use} after"
+                    " its lease ended: stop the server and close its sockets before the test ends"
+                ),
+                stacklevel=3,
+            )
+
+    def figures(self) -> dict[str, float]:
+        """This process's figures for the run summary (all zero if it leased nothing)."""
+        stats = asdict(self._allocator.stats) if self._allocator else {}
+        return {**stats, "leaks": self.leaks}
+
+    def add_figures(self, figures: dict[str, float]) -> None:
+        for key, value in figures.items():
+            old = self.totals.get(key, 0)
+            self.totals[key] = max(old, value) if key == "peak" else old + value
 
     def close(self) -> None:
         if self._allocator is not None:
@@ -116,6 +154,36 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = _State(settings, holder)
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand the figures to the controller
+        workeroutput["ephemeral"] = session.config.stash[_STATE].figures()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    figures = getattr(node, "workeroutput", {}).get("ephemeral")
+    if figures:  # a crashed worker has no workeroutput: its figures are lost, not the summary
+        node.config.stash[_STATE].add_figures(figures)
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    state = config.stash[_STATE]
+    state.add_figures(state.figures())
+    totals = state.totals
+    if config.get_verbosity() < 1 and not totals.get("waited") and not totals.get("leaks"):
+        return
+    terminalreporter.write_line(
+        f"ephemeral ports: {totals.get('leased', 0):.0f} leased,"
+        f" at most {totals.get('peak', 0):.0f} held at once by one process;"
+        f" skipped {totals.get('skipped_bound', 0):.0f} bound by other programs and"
+        f" {totals.get('skipped_locked', 0):.0f} locked by other runs;"
+        f" waited {totals.get('waited', 0):.2f} s; {totals.get('leaks', 0):.0f} leak warnings"
+    )
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
     if state is not None:
@@ -145,7 +213,7 @@ class PortFactory:
 
     def __init__(self, state: _State) -> None:
         self._state = state
-        self._mine: set[int] = set()
+        self._mine: dict[int, str | None] = {}  # port -> the test it was leased during
         self._sockets: dict[int, socket.socket] = {}
 
     def __call__(self, *, protocol: str = "tcp") -> int:
@@ -154,8 +222,9 @@ class PortFactory:
 
     def block(self, n: int, *, protocol: str = "tcp") -> list[int]:
         """Lease ``n`` consecutive ports."""
-        ports = self._state.allocator.lease_block(n, protocol, self._state.nodeid)
-        self._mine.update(ports)
+        nodeid = self._state.nodeid
+        ports = self._state.allocator.lease_block(n, protocol, nodeid)
+        self._mine.update(dict.fromkeys(ports, nodeid))
         return ports
 
     def socket(self, *, protocol: str = "tcp", host: str | None = None) -> socket.socket:
@@ -179,11 +248,11 @@ class PortFactory:
         """End the lease of one port early; ``ValueError`` if this factory does not hold it."""
         if port not in self._mine:
             raise ValueError(f"port {port} is not leased by this port_factory")
-        self._mine.remove(port)
+        nodeid = self._mine.pop(port)
         sock = self._sockets.pop(port, None)
         if sock is not None:
             sock.close()
-        self._state.allocator.release(port)
+        self._state.end_lease(port, nodeid)
 
     def _release_all(self) -> None:
         for port in sorted(self._mine):
@@ -212,10 +281,10 @@ def _bind(host: str, port: int, protocol: str) -> socket.socket:
 def free_port(request: pytest.FixtureRequest) -> Iterator[int]:
     """A TCP port leased for this test alone: free now, and held from other tests and pytest runs
     until this test's teardown, after the fixtures that use it."""
-    allocator = request.config.stash[_STATE].allocator
-    port = allocator.lease("tcp", request.node.nodeid)
+    state = request.config.stash[_STATE]
+    port = state.allocator.lease("tcp", request.node.nodeid)
     yield port
-    allocator.release(port)
+    state.end_lease(port, request.node.nodeid)
 
 
 @pytest.fixture
@@ -233,4 +302,4 @@ def free_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
         raise
     with sock:
         yield sock
-    state.allocator.release(port)
+    state.end_lease(port, request.node.nodeid)

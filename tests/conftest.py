@@ -9,6 +9,7 @@ the inner run (so this process's locks do not look like other runs' to it).
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -85,3 +86,36 @@ def private_range(
     yield make
     for port in taken:
         band_allocator.release(port)
+
+
+HOLDER_SCRIPT = """
+import sys
+from pytest_ephemeral import PortAllocator
+from pytest_ephemeral._settings import Raw, resolve
+
+settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
+allocator = PortAllocator(settings)
+ports = allocator.lease_block(len(settings.ports))
+print(" ".join(map(str, ports)), flush=True)
+sys.stdin.read()  # hold the leases until killed
+"""
+
+
+#: A process holding leases, and the private range it holds.
+Holder = tuple["subprocess.Popen[str]", PrivateRange]
+
+
+@pytest.fixture
+def holder_process(private_range: Callable[[int], PrivateRange]) -> Iterator[Holder]:
+    """A separate process holding every port of a private range through real locks."""
+    private = private_range(3)
+    command = [sys.executable, "-c", HOLDER_SCRIPT, private.spec, str(private.lock_dir)]
+    with subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stdout is not None
+            assert process.stdout.readline().split() == [str(p) for p in private.ports]
+            yield process, private
+        finally:
+            process.kill()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from pytest_ephemeral import PortAllocator, PortsExhausted
 from pytest_ephemeral._settings import Raw, resolve
 
-from .conftest import PrivateRange
+from .conftest import Holder, PrivateRange
 from .helpers import assert_no_shared_overlap, bind_fails, hold_tests, read_holds
 
 XDIST_MODES = [["-n", "4"], ["-n", "2"], ["-p", "no:xdist"]]
@@ -149,37 +148,6 @@ def test_a_port_in_time_wait_is_never_leased(
     assert sorted(map(int, holds_file.read_text().split())) == private.ports[1:]
 
 
-HOLDER_SCRIPT = """
-import sys
-from pytest_ephemeral import PortAllocator
-from pytest_ephemeral._settings import Raw, resolve
-
-settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
-allocator = PortAllocator(settings)
-ports = allocator.lease_block(len(settings.ports))
-print(" ".join(map(str, ports)), flush=True)
-sys.stdin.read()  # hold the leases until killed
-"""
-
-
-@pytest.fixture
-def holder_process(
-    private_range: MakeRange,
-) -> Iterator[tuple[subprocess.Popen[str], PrivateRange]]:
-    """A separate process holding every port of a private range through real locks."""
-    private = private_range(3)
-    command = [sys.executable, "-c", HOLDER_SCRIPT, private.spec, str(private.lock_dir)]
-    with subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    ) as process:
-        try:
-            assert process.stdout is not None
-            assert process.stdout.readline().split() == [str(p) for p in private.ports]
-            yield process, private
-        finally:
-            process.kill()
-
-
 def _allocator(private: PrivateRange, timeout: float = 0) -> PortAllocator:
     return PortAllocator(
         resolve(
@@ -195,7 +163,7 @@ def _allocator(private: PrivateRange, timeout: float = 0) -> PortAllocator:
 def test_leases_of_a_killed_process_vanish_with_it(
     pytester: pytest.Pytester,
     holds_file: Path,
-    holder_process: tuple[subprocess.Popen[str], PrivateRange],
+    holder_process: Holder,
 ) -> None:
     process, private = holder_process
     with pytest.raises(PortsExhausted, match="3 locked by other runs"):
@@ -209,7 +177,7 @@ def test_leases_of_a_killed_process_vanish_with_it(
 
 
 def test_exhaustion_waits_for_the_timeout_then_names_the_range(
-    pytester: pytest.Pytester, holder_process: tuple[subprocess.Popen[str], PrivateRange]
+    pytester: pytest.Pytester, holder_process: Holder
 ) -> None:
     _, private = holder_process
     pytester.makepyfile("def test_one(free_port): pass")

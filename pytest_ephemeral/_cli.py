@@ -1,0 +1,137 @@
+"""``pytest-ephemeral status`` and ``pytest-ephemeral range``: who holds ports, and which ports.
+
+Same defaults and environment variables as the plugin, so with no arguments ``status`` reads the
+lock dir the user's tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._errors import ConfigError
+from ._ranges import IANA_DYNAMIC, derive_auto, format_spans, parse_spans, read_system_ports
+from ._settings import default_lock_dir, env_var
+
+_LOCK_FILE = re.compile(r"(\d+)\.lock")
+
+
+def live_leases(lock_dir: Path) -> list[dict[str, Any]]:
+    """The holder records of every lease held right now in ``lock_dir``, by port."""
+    from ._lease import read_live_record  # imports filelock
+
+    try:
+        names = os.listdir(lock_dir)
+    except FileNotFoundError:
+        return []
+    ports = sorted(int(m[1]) for name in names if (m := _LOCK_FILE.fullmatch(name)))
+    records = (read_live_record(str(lock_dir), port) for port in ports)
+    return [record for record in records if record is not None]
+
+
+def _status(lock_dir: Path, as_json: bool) -> None:
+    leases = live_leases(lock_dir)
+    if as_json:
+        print(json.dumps(leases, indent=2))
+        return
+    now = time.time()
+    rows = [("PORT", "PID", "HOST", "WORKER", "AGE", "TEST")]
+    for lease in leases:
+        since = lease.get("since")
+        age = f"{now - since:.1f} s" if isinstance(since, (int, float)) else "?"
+        rows.append(
+            (
+                str(lease["port"]),
+                str(lease.get("pid", "?")),
+                str(lease.get("host") or "?"),
+                str(lease.get("worker") or "-"),
+                age,
+                str(lease.get("nodeid") or "-"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print(
+            "  ".join(
+                [*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]
+            )
+        )
+    print(f"{len(leases)} live lease{'s' * (len(leases) != 1)} in {lock_dir}")
+
+
+def _range(as_json: bool) -> None:
+    system = read_system_ports()
+    exclude_text = os.environ.get(env_var("exclude"), "")
+    try:
+        exclude = parse_spans(exclude_text)
+    except ValueError as error:
+        raise ConfigError(
+            f"bad value {exclude_text!r} from {env_var('exclude')}: {error}"
+        ) from None
+    ports = derive_auto(system, exclude)
+    figures = {
+        "range": format_spans(ports.spans),
+        "size": len(ports),
+        "dynamic": format_spans(IANA_DYNAMIC),
+        "auto_assign": None if system.auto_assign is None else format_spans(system.auto_assign),
+        "source": system.source,
+        "reserved": format_spans(system.reserved),
+        "os_excluded": format_spans(system.excluded),
+        "excluded": format_spans(exclude),
+        "caveat": ports.caveat,
+        "origin": ports.origin,
+    }
+    if as_json:
+        print(json.dumps(figures, indent=2))
+        return
+    print(f"auto range: {figures['range']} ({figures['size']} ports)")
+    print(f"  dynamic range (IANA):      {figures['dynamic']}")
+    print(f"  OS auto-assign range:      {figures['auto_assign'] or 'unknown'} ({system.source})")
+    print(f"  reserved (never assigned): {figures['reserved']}")
+    print(f"  excluded by the OS:        {figures['os_excluded']}")
+    print(f"  excluded ({env_var('exclude')}): {figures['excluded']}")
+    if ports.caveat:
+        print(f"  note: {ports.caveat}")
+    if os.environ.get(env_var("port_range"), "auto").strip().lower() != "auto":
+        print(f"  note: {env_var('port_range')} is set, so runs with this environment use it")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pytest-ephemeral", description="Leased network ports for tests: who holds what."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = commands.add_parser(
+        "status",
+        help="list the live leases",
+        description="List the leases held right now: port, pid, host, worker, age, test.",
+    )
+    status.add_argument(
+        "--lock-dir",
+        type=Path,
+        help=f"lock dir to read (default: ${env_var('lock_dir')}, else {default_lock_dir()})",
+    )
+    status.add_argument("--json", action="store_true", help="print a JSON list, one object each")
+    ranges = commands.add_parser(
+        "range",
+        help="show the auto range and how it was derived",
+        description="Show the auto port range on this machine and how it was derived.",
+    )
+    ranges.add_argument("--json", action="store_true", help="print a JSON object")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "status":
+            env_dir = os.environ.get(env_var("lock_dir"), "").strip()
+            lock_dir = args.lock_dir or (Path(env_dir) if env_dir else default_lock_dir())
+            _status(lock_dir, args.json)
+        else:
+            _range(args.json)
+    except (ConfigError, OSError) as error:
+        parser.exit(2, f"pytest-ephemeral: error: {error}\n")
+    return 0

@@ -1,0 +1,80 @@
+"""Is something still using a port when its lease ends? Socket states, not just a bind probe.
+
+A bind probe cannot tell a leaked server from a harmless TIME_WAIT: both make a bind fail. So a
+probe only answers the common case cheaply (about 10 us): the port binds, nothing uses it. When a
+TCP bind fails, Linux's ``/proc/net/tcp`` and ``tcp6`` (a millisecond or two to read) tell a
+listener or an open connection from TIME_WAIT; a socket that is bound but not listening is in
+neither table, so a failed bind with nothing there is reported as bound. Elsewhere the best
+available check is a TCP connect to the port on the leased host, which finds a listener still
+accepting. UDP has no TIME_WAIT: a failed UDP bind always means a socket is still bound.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+from ._probe import Targets, is_free
+
+#: TCP states of a socket the test still has open, by their ``/proc/net/tcp`` code. TIME_WAIT and
+#: the FIN_WAIT / LAST_ACK / CLOSING states that a proper close passes through are left out.
+_TCP_IN_USE = {
+    "0A": "listening",
+    "01": "holding an open connection",
+    "02": "connecting",
+    "03": "holding an open connection",
+    "08": "holding a connection its peer has closed",
+}
+_PROC_NET = Path("/proc/net")
+
+
+def local_port_states(table: str, port: int) -> list[str]:
+    """The state codes of the sockets bound to local ``port`` in one ``/proc/net`` table."""
+    needle = f":{port:04X}"
+    if needle + " " not in table:
+        return []  # answered without splitting the table into lines
+    states = []
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[1].endswith(needle):
+            states.append(fields[3])
+    return states
+
+
+def _read(name: str) -> str:
+    try:
+        return (_PROC_NET / name).read_text()
+    except OSError:
+        return ""
+
+
+def _tcp_use_linux(port: int) -> str | None:
+    states = local_port_states(_read("tcp"), port) + local_port_states(_read("tcp6"), port)
+    for state in states:
+        if state in _TCP_IN_USE:
+            return f"{_TCP_IN_USE[state]} (TCP)"
+    return None if states else "bound (TCP)"  # bound sockets that do not listen are not listed
+
+
+def _tcp_use_by_connecting(port: int, host: str) -> str | None:
+    address = "127.0.0.1" if host == "0.0.0.0" else "::1" if host == "::" else host
+    try:
+        with socket.create_connection((address, port), timeout=0.5):
+            return "listening (TCP)"
+    except OSError:
+        return None
+
+
+def still_in_use(port: int, host: str, targets: Targets) -> str | None:
+    """How ``port`` is still in use ("listening (TCP)", ...); None if free or only in TIME_WAIT.
+
+    ``targets`` are where the bind probe binds (see ``_probe.bind_targets``).
+    """
+    if not is_free(port, (socket.SOCK_DGRAM,), targets):
+        return "bound (UDP)"
+    if is_free(port, (socket.SOCK_STREAM,), targets):
+        return None
+    if sys.platform.startswith("linux") and _PROC_NET.joinpath("tcp").exists():
+        return _tcp_use_linux(port)
+    return _tcp_use_by_connecting(port, host)
