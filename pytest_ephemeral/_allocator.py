@@ -25,6 +25,12 @@ from ._settings import Settings
 _MAX_HOLDERS_SHOWN = 10
 _POLL_FIRST, _POLL_MAX = 0.005, 0.1
 
+#: Every port this process holds, by lock dir, whichever allocator leased it: allocators of one
+#: process (the plugin's, ``lease_port``'s) skip each other's ports without touching the file
+#: system, and never mistake them for another run's. Guarded by ``_mutex``.
+_held_here: dict[str, set[int]] = {}
+_mutex = threading.Lock()
+
 
 @dataclass
 class Stats:
@@ -70,15 +76,16 @@ class PortAllocator:
         self._lock_dir = str(settings.lock_dir)
         self.targets = bind_targets(settings.host)  # where the bind probe binds
         self._held: dict[int, Lease] = {}
+        with _mutex:
+            self._held_here = _held_here.setdefault(self._lock_dir, set())
         self._cursor = random.randrange(len(self._ports))
-        self._mutex = threading.Lock()
         self._pid = os.getpid()
 
     @property
-    def held(self) -> dict[int, Lease]:
-        """The leases this allocator holds, by port (a copy)."""
-        with self._mutex:
-            return dict(self._held)
+    def held(self) -> frozenset[int]:
+        """The ports this allocator holds now."""
+        with _mutex:
+            return frozenset(self._held)
 
     def lease(self, protocol: str = "tcp", nodeid: str | None = None) -> int:
         """Lease one port, bind-checked for ``protocol`` ("tcp", "udp" or "both")."""
@@ -98,7 +105,7 @@ class PortAllocator:
         deadline: float | None = None
         pause = _POLL_FIRST
         while True:
-            with self._mutex:
+            with _mutex:
                 seen = _Pass()
                 ports = self._walk(n, kinds, nodeid, seen)
             if ports is not None:
@@ -117,17 +124,19 @@ class PortAllocator:
 
     def release(self, port: int) -> None:
         """End the lease of ``port``; ``ValueError`` if this allocator does not hold it."""
-        with self._mutex:
+        with _mutex:
             lease = self._held.pop(port, None)
-        if lease is None:
-            raise ValueError(f"port {port} is not leased by this process")
-        unlock(lease.fd, self._pid)
+            if lease is None:
+                raise ValueError(f"port {port} is not leased by this allocator")
+            self._held_here.discard(port)
+            unlock(lease.fd, self._pid)
 
     def release_all(self) -> None:
-        with self._mutex:
-            leases, self._held = list(self._held.values()), {}
-        for lease in leases:
-            unlock(lease.fd, self._pid)
+        with _mutex:
+            for port, lease in self._held.items():
+                self._held_here.discard(port)
+                unlock(lease.fd, self._pid)
+            self._held.clear()
 
     # --- search ---------------------------------------------------------------------------
 
@@ -151,6 +160,7 @@ class PortAllocator:
             if len(taken) == n:
                 for lease in taken:
                     self._held[lease.port] = lease
+                    self._held_here.add(lease.port)
                 self._cursor = (first + n) % size
                 self.stats.leased += n
                 self.stats.peak = max(self.stats.peak, len(self._held))
@@ -163,7 +173,7 @@ class PortAllocator:
     def _try(
         self, port: int, kinds: tuple[socket.SocketKind, ...], nodeid: str | None, seen: _Pass
     ) -> Lease | None:
-        if port in self._held:
+        if port in self._held_here:
             seen.mine += 1
             return None
         fd = try_lock(lock_path(self._lock_dir, port))
@@ -187,7 +197,8 @@ class PortAllocator:
         lines = [
             f"no {what} in {ports} ({len(ports)} ports) {when}:"
             f" {len(set(seen.locked))} locked by other runs,"
-            f" {seen.bound} bound by other programs, {len(self._held)} held by this process."
+            f" {seen.bound} bound by other programs or in TIME_WAIT,"
+            f" {len(self._held_here.intersection(ports.ports))} held by this process."
         ]
         records = (read_live_record(self._lock_dir, p) for p in sorted(set(seen.locked)))
         live = (describe(record) for record in records if record is not None)

@@ -13,21 +13,24 @@ from contextlib import contextmanager
 from os import PathLike
 
 from ._allocator import PortAllocator
-from ._settings import Layer, Raw, Settings, env_layer, resolve
+from ._settings import NAMES, Layer, Raw, env_layer, env_var, resolve
 
-_allocators: dict[Settings, PortAllocator] = {}
+_allocators: dict[tuple[object, ...], PortAllocator] = {}
 _allocators_mutex = threading.Lock()
 
 
 def _allocator(**arguments: object) -> PortAllocator:
-    given: Layer = {
-        name: Raw(value, f"argument {name}=")
-        for name, value in arguments.items()
-        if value is not None
-    }
-    settings = resolve(given, env_layer(os.environ))
-    with _allocators_mutex:  # one allocator per settings, so this process never leases twice
-        return _allocators.setdefault(settings, PortAllocator(settings))
+    """The allocator for these arguments and environment, resolved and checked once per process."""
+    key = (*arguments.items(), *(os.environ.get(env_var(name)) for name in NAMES))
+    with _allocators_mutex:
+        if key not in _allocators:
+            given: Layer = {
+                name: Raw(value, f"argument {name}=")
+                for name, value in arguments.items()
+                if value is not None
+            }
+            _allocators[key] = PortAllocator(resolve(given, env_layer(os.environ)))
+        return _allocators[key]
 
 
 @contextmanager

@@ -136,7 +136,8 @@ def test_exhaustion_lists_the_holders_in_another_run(
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
         [
-            "*no free port in * within 0.3 s: 3 locked by other runs, 0 bound by other programs*",
+            "*no free port in * within 0.3 s: 3 locked by other runs,"
+            " 0 bound by other programs or in TIME_WAIT*",
             "*Holders:",
             *(
                 f"*  port {port}: pid {process.pid} on *, worker -,"

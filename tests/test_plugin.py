@@ -188,7 +188,8 @@ def test_exhaustion_waits_for_the_timeout_then_names_the_range(
     result.stdout.fnmatch_lines(
         [
             f"*PortsExhausted: no free port in {private.spec} (3 ports) within 0.5 s:"
-            " 3 locked by other runs, 0 bound by other programs, 0 held by this process.",
+            " 3 locked by other runs, 0 bound by other programs or in TIME_WAIT,"
+            " 0 held by this process.",
             "*Widen the range (--ephemeral-port-range)*",
         ]
     )
