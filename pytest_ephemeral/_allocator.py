@@ -181,14 +181,19 @@ class PortAllocator:
             seen.locked.append(port)
             self.stats.skipped_locked += 1
             return None
-        if not is_free(port, kinds, self.targets):
+        try:
+            free = is_free(port, kinds, self.targets)
+            if free:
+                since = time.time()
+                write_record(fd, self.holder, port, nodeid, since)
+                return Lease(port, fd, nodeid, since)
+        except BaseException:  # out of file descriptors, say: give the lock back first
             unlock(fd, self._pid)
-            seen.bound += 1
-            self.stats.skipped_bound += 1
-            return None
-        since = time.time()
-        write_record(fd, self.holder, port, nodeid, since)
-        return Lease(port, fd, nodeid, since)
+            raise
+        unlock(fd, self._pid)
+        seen.bound += 1
+        self.stats.skipped_bound += 1
+        return None
 
     def _exhausted(self, n: int, seen: _Pass, waited: float | None) -> PortsExhausted:
         ports = self.settings.ports

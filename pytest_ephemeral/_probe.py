@@ -55,16 +55,25 @@ def bind_targets(host: str) -> Targets:
     return (wildcard, (family_of(host), host))
 
 
-def bound_socket(
-    family: socket.AddressFamily, kind: socket.SocketKind, address: str, port: int
-) -> socket.socket:
-    """A socket bound to ``(address, port)`` without address reuse; ``OSError`` if it is taken."""
+def _unbound(family: socket.AddressFamily, kind: socket.SocketKind, address: str) -> socket.socket:
     sock = socket.socket(family, kind)
     try:
         if family == socket.AF_INET6 and address == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         if _EXCLUSIVE is not None:  # Windows: refuse to share the port with anyone
             sock.setsockopt(socket.SOL_SOCKET, _EXCLUSIVE, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bound_socket(
+    family: socket.AddressFamily, kind: socket.SocketKind, address: str, port: int
+) -> socket.socket:
+    """A socket bound to ``(address, port)`` without address reuse; ``OSError`` if it is taken."""
+    sock = _unbound(family, kind, address)
+    try:
         sock.bind((address, port))
     except BaseException:
         sock.close()
@@ -73,11 +82,16 @@ def bound_socket(
 
 
 def is_free(port: int, kinds: tuple[socket.SocketKind, ...], targets: Targets) -> bool:
-    """True when every target binds for every kind; any failure (TIME_WAIT included) means busy."""
+    """True when every target binds for every kind; any bind failure (TIME_WAIT too) means busy.
+
+    Failing to create a socket at all (no file descriptors left, say) is not a busy port: that
+    ``OSError`` propagates.
+    """
     for kind in kinds:
         for family, address in targets:
-            try:
-                bound_socket(family, kind, address, port).close()
-            except OSError:
-                return False
+            with _unbound(family, kind, address) as sock:
+                try:
+                    sock.bind((address, port))
+                except OSError:
+                    return False
     return True

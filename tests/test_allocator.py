@@ -1,0 +1,146 @@
+"""The allocator alone: blocks, the walk over the range, threads, running out of descriptors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from pytest_ephemeral import PortAllocator, PortsExhausted
+from pytest_ephemeral._settings import Raw, resolve
+
+from .conftest import PrivateRange
+
+MakeRange = Callable[[int], PrivateRange]
+
+
+def allocator(private: PrivateRange, exclude: str = "", timeout: float = 0) -> PortAllocator:
+    given = {
+        "port_range": Raw(private.spec, "test"),
+        "lock_dir": Raw(str(private.lock_dir), "test"),
+        "timeout": Raw(timeout, "test"),
+    }
+    if exclude:
+        given["exclude"] = Raw(exclude, "test")
+    return PortAllocator(resolve(given))
+
+
+@pytest.mark.parametrize("start", range(7))
+def test_blocks_skip_a_held_port_wherever_the_walk_starts(
+    private_range: MakeRange, start: int
+) -> None:
+    private = private_range(7)
+    ports = private.ports
+    other = allocator(private)
+    other._cursor = 3
+    assert other.lease() == ports[3]
+    walker = allocator(private)
+    walker._cursor = start
+    block = walker.lease_block(3)
+    assert block in (ports[:3], ports[4:])
+    assert walker.lease_block(3) in (ports[:3], ports[4:])
+    with pytest.raises(PortsExhausted, match=r"now: .* 7 held by this process"):
+        walker.lease()
+    walker.release_all()
+    other.release_all()
+
+
+def test_a_block_never_spans_a_hole_in_the_range(private_range: MakeRange) -> None:
+    private = private_range(6)
+    low = private.ports[0]
+    spaced = allocator(private, exclude=str(low + 2))  # the range is low..low+1, low+3..low+5
+    assert spaced.lease_block(3) == [low + 3, low + 4, low + 5]
+    with pytest.raises(PortsExhausted, match="no block of 3 free consecutive ports"):
+        spaced.lease_block(3)
+    with pytest.raises(ValueError, match=r"the longest run in .* is 3"):
+        spaced.lease_block(4)
+    assert spaced.lease_block(2) == [low, low + 1]
+    spaced.release_all()
+
+
+def test_the_walk_moves_on_from_the_last_lease(private_range: MakeRange) -> None:
+    """A port just released is the last one this process comes back to (TIME_WAIT can pass)."""
+    private = private_range(4)
+    walker = allocator(private)
+    first = walker.lease()
+    walker.release(first)
+    seen = []
+    for _ in range(4):
+        port = walker.lease()
+        seen.append(port)
+        walker.release(port)
+    assert seen[-1] == first
+    assert sorted(seen) == private.ports
+
+
+def test_threads_never_share_a_port(private_range: MakeRange) -> None:
+    private = private_range(6)
+    shared = allocator(private, timeout=30)
+    holding: set[int] = set()
+    guard = threading.Lock()
+    clashes: list[int] = []
+
+    def work() -> None:
+        for _ in range(200):
+            port = shared.lease()
+            with guard:
+                if port in holding:
+                    clashes.append(port)
+                holding.add(port)
+            with guard:
+                holding.discard(port)
+            shared.release(port)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not clashes
+    assert shared.stats.leased == 8 * 200
+    assert not shared.held
+
+
+def test_releasing_what_is_not_held(private_range: MakeRange) -> None:
+    private = private_range(2)
+    one, other = allocator(private), allocator(private)
+    port = one.lease()
+    with pytest.raises(ValueError, match=f"port {port} is not leased by this allocator"):
+        other.release(port)
+    one.release(port)
+    with pytest.raises(ValueError, match="not leased"):
+        one.release(port)
+
+
+OUT_OF_DESCRIPTORS = """
+import errno, os, resource, sys
+from pytest_ephemeral import PortAllocator
+from pytest_ephemeral._settings import Raw, resolve
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
+allocator = PortAllocator(settings)
+try:
+    while True:
+        allocator.lease()
+except OSError as error:
+    assert error.errno == errno.EMFILE, error
+held = len(allocator.held)
+allocator.release_all()
+print(held, len(os.listdir("/proc/self/fd")))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_running_out_of_descriptors_is_not_reported_as_busy_ports(
+    private_range: MakeRange,
+) -> None:
+    private = private_range(60)
+    command = [sys.executable, "-c", OUT_OF_DESCRIPTORS, private.spec, str(private.lock_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    held, open_after = map(int, done.stdout.split())
+    assert 20 < held < 40  # it stopped at the descriptor limit, with an OSError, not exhaustion
+    assert open_after < 10  # and every lock it had taken was given back
