@@ -25,10 +25,11 @@ from ._settings import Settings
 _MAX_HOLDERS_SHOWN = 10
 _POLL_FIRST, _POLL_MAX = 0.005, 0.1
 
-#: Every port this process holds, by lock dir, whichever allocator leased it: allocators of one
-#: process (the plugin's, ``lease_port``'s) skip each other's ports without touching the file
-#: system, and never mistake them for another run's. Guarded by ``_mutex``.
-_held_here: dict[str, set[int]] = {}
+#: Every port this process holds, by lock dir, whichever allocator leased it, with the thread that
+#: leased it: allocators of one process (the plugin's, ``lease_port``'s) skip each other's ports
+#: without touching the file system, and never mistake them for another run's. Guarded by
+#: ``_mutex``.
+_held_here: dict[str, dict[int, int]] = {}
 _mutex = threading.Lock()
 
 
@@ -57,7 +58,8 @@ class Lease:
 class _Pass:
     """What one walk over the range met, for the exhaustion message."""
 
-    mine: int = 0
+    #: Held by another thread of this process, which may release them: worth waiting for.
+    other_threads: int = 0
     bound: int = 0
     locked: list[int] = field(default_factory=list)
 
@@ -77,7 +79,7 @@ class PortAllocator:
         self.targets = bind_targets(settings.host)  # where the bind probe binds
         self._held: dict[int, Lease] = {}
         with _mutex:
-            self._held_here = _held_here.setdefault(self._lock_dir, set())
+            self._held_here = _held_here.setdefault(self._lock_dir, {})
         self._cursor = random.randrange(len(self._ports))
         self._pid = os.getpid()
 
@@ -110,8 +112,8 @@ class PortAllocator:
                 ports = self._walk(n, kinds, nodeid, seen)
             if ports is not None:
                 return ports
-            if not seen.locked and not seen.bound:
-                raise self._exhausted(n, seen, waited=None)  # all ours: waiting cannot help
+            if not seen.locked and not seen.bound and not seen.other_threads:
+                raise self._exhausted(n, seen, waited=None)  # all this thread's: waiting is vain
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self.settings.timeout
@@ -128,13 +130,13 @@ class PortAllocator:
             lease = self._held.pop(port, None)
             if lease is None:
                 raise ValueError(f"port {port} is not leased by this allocator")
-            self._held_here.discard(port)
+            del self._held_here[port]
             unlock(lease.fd, self._pid)
 
     def release_all(self) -> None:
         with _mutex:
             for port, lease in self._held.items():
-                self._held_here.discard(port)
+                del self._held_here[port]
                 unlock(lease.fd, self._pid)
             self._held.clear()
 
@@ -145,6 +147,7 @@ class PortAllocator:
     ) -> list[int] | None:
         """One pass over the range from the cursor; lease and return ``n`` consecutive ports."""
         ports, size = self._ports, len(self._ports)
+        thread = threading.get_ident()
         step = 0
         while step < size:
             first = (self._cursor + step) % size
@@ -153,14 +156,14 @@ class PortAllocator:
                 continue  # not n consecutive candidates from here
             taken: list[Lease] = []
             for index in range(first, first + n):
-                lease = self._try(ports[index], kinds, nodeid, seen)
+                lease = self._try(ports[index], kinds, nodeid, seen, thread)
                 if lease is None:
                     break
                 taken.append(lease)
             if len(taken) == n:
                 for lease in taken:
                     self._held[lease.port] = lease
-                    self._held_here.add(lease.port)
+                    self._held_here[lease.port] = thread
                 self._cursor = (first + n) % size
                 self.stats.leased += n
                 self.stats.peak = max(self.stats.peak, len(self._held))
@@ -171,10 +174,16 @@ class PortAllocator:
         return None
 
     def _try(
-        self, port: int, kinds: tuple[socket.SocketKind, ...], nodeid: str | None, seen: _Pass
+        self,
+        port: int,
+        kinds: tuple[socket.SocketKind, ...],
+        nodeid: str | None,
+        seen: _Pass,
+        thread: int,
     ) -> Lease | None:
-        if port in self._held_here:
-            seen.mine += 1
+        holder = self._held_here.get(port)
+        if holder is not None:
+            seen.other_threads += holder != thread
             return None
         fd = try_lock(lock_path(self._lock_dir, port))
         if fd is None:
@@ -203,7 +212,7 @@ class PortAllocator:
             f"no {what} in {ports} ({len(ports)} ports) {when}:"
             f" {len(set(seen.locked))} locked by other runs,"
             f" {seen.bound} bound by other programs or in TIME_WAIT,"
-            f" {len(self._held_here.intersection(ports.ports))} held by this process."
+            f" {len(self._held_here.keys() & set(ports.ports))} held by this process."
         ]
         records = (read_live_record(self._lock_dir, p) for p in sorted(set(seen.locked)))
         live = (describe(record) for record in records if record is not None)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(NamedTuple):
     """Who takes leases: the same for every lease of one process."""
 
     pid: int

@@ -14,6 +14,7 @@ from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 Spans = tuple[tuple[int, int], ...]
 
@@ -124,8 +125,7 @@ class PortRange:
         return max((high - low + 1 for low, high in self.spans), default=0)
 
 
-@dataclass(frozen=True)
-class SystemPorts:
+class SystemPorts(NamedTuple):
     """What the operating system says about its ports."""
 
     #: Ports the OS hands out by itself (outgoing connections, ``bind(0)``); ``None`` if unknown.

@@ -18,8 +18,8 @@ import socket
 import stat
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ._errors import ConfigError
 from ._ranges import (
@@ -37,8 +37,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True)
-class Raw:
+class Raw(NamedTuple):
     """One setting's value as given, and where it was given (for error messages)."""
 
     value: object
@@ -48,8 +47,7 @@ class Raw:
 Layer = Mapping[str, Raw]
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """Everything a lease needs, resolved and checked."""
 
     ports: PortRange

@@ -19,9 +19,7 @@ import pytest
 
 from ._errors import ConfigError
 from ._holder import Holder, this_process
-from ._probe import bound_socket, family_of
 from ._settings import NAMES, Layer, Raw, Settings, env_layer, env_var, resolve
-from ._sockstate import still_in_use
 
 if TYPE_CHECKING:
     from ._allocator import PortAllocator
@@ -91,6 +89,8 @@ class _State:
 
         Checked while the lease is still held, so whatever uses the port is the test's own.
         """
+        from ._sockstate import still_in_use  # loaded with the first lease, like the allocator
+
         use = still_in_use(port, self.settings.host, self.allocator.targets)
         self.allocator.release(port)  # before warning: -W error turns the warning into a raise
         if use is not None:
@@ -273,6 +273,8 @@ def port_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
 
 
 def _bind(host: str, port: int, protocol: str) -> socket.socket:
+    from ._probe import bound_socket, family_of
+
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
     return bound_socket(family_of(host), kind, host, port)
 
