@@ -6,11 +6,12 @@ that need pytest load only when asked for.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from ._errors import ConfigError, EphemeralError, PortsExhausted
 
+TYPE_CHECKING = False  # not typing's: importing typing would be most of this module's cost
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._allocator import PortAllocator
     from ._api import lease_block, lease_port
     from .plugin import EphemeralPortWarning, PortFactory
