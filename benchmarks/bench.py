@@ -1,0 +1,525 @@
+"""Benchmark pytest-ephemeral against the "bind port 0, read it, close" recipe.
+
+    python benchmarks/bench.py [--quick] [--json PATH]
+
+Sections: 1 lease latency, 2 scale, 3 collisions between processes, 4 kernel theft (the same
+rounds while a background process churns outgoing loopback connections), 5 start-up cost. Needs
+only the standard library and pytest_ephemeral; all traffic stays on 127.0.0.1, and every loop is
+bounded in count and time. Sections with an explicit range use a fresh temporary lock dir and
+ports outside both the OS auto-assign range and the plugin's auto range; sections on the auto
+range use the default lock dir, so they never take a port that a concurrent pytest run holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import errno
+import json
+import multiprocessing
+import os
+import platform
+import random
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_ephemeral import PortAllocator, PortsExhausted, lease_port
+from pytest_ephemeral._ranges import format_spans, read_system_ports
+from pytest_ephemeral._settings import Raw, resolve
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+    from multiprocessing.synchronize import Barrier, Event
+
+LATENCY_RANGE = "24000-24999"  # explicit ranges: outside the OS's and the plugin's auto ranges
+SCALE_RANGE = "20000-23999"
+SCALE_SIZE, SCALE_HELD = 4000, 3960
+HOST = "127.0.0.1"
+HOLD = 0.001  # how long each round listens
+WAIT = 120.0  # upper bound on any wait for a child process
+IN_USE = {errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", errno.EADDRINUSE)}
+CTX = multiprocessing.get_context("spawn")
+Results = dict[str, dict[str, Any]]
+
+
+def allocator(port_range: str | None, lock_dir: str | None, timeout: float) -> PortAllocator:
+    """A new allocator; no range means the auto range, no lock dir the default one."""
+    given = {"port_range": port_range, "lock_dir": lock_dir, "timeout": timeout}
+    return PortAllocator(resolve({k: Raw(v, "bench") for k, v in given.items() if v is not None}))
+
+
+def recipe_port() -> int:
+    """The common recipe: bind port 0, read the port the kernel chose, close."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def micros(samples: Sequence[int]) -> tuple[float, float]:
+    """Median and p99 of nanosecond samples, in microseconds."""
+    return statistics.median(samples) / 1e3, statistics.quantiles(samples, n=100)[98] / 1e3
+
+
+# --- child processes ---------------------------------------------------------------------------
+
+
+def child(
+    job: Callable[..., object], args: tuple[Any, ...], barrier: Barrier, out: Queue[Any]
+) -> None:
+    """Run ``job`` after set-up; send back its result, then wait until every child has finished
+    (so leases held until exit stay held while the others still lease)."""
+    try:
+        reply = ("ok", job(barrier, *args))
+    except Exception as error:
+        reply = ("error", f"{type(error).__name__}: {error}")
+        barrier.abort()
+    out.put(reply)
+    with contextlib.suppress(threading.BrokenBarrierError):
+        barrier.wait(WAIT)
+
+
+def run_children(job: Callable[..., object], args: Sequence[tuple[Any, ...]]) -> list[Any]:
+    barrier, out = CTX.Barrier(len(args)), CTX.Queue()
+    procs = [CTX.Process(target=child, args=(job, a, barrier, out)) for a in args]
+    for proc in procs:
+        proc.start()
+    try:
+        replies = [out.get(timeout=WAIT) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(WAIT)
+            if proc.is_alive():
+                proc.kill()
+    errors = [payload for kind, payload in replies if kind == "error"]
+    if errors:
+        raise RuntimeError(f"a child process failed: {errors[0]}")
+    return [payload for _, payload in replies]
+
+
+def fill_job(barrier: Barrier, port_range: str, lock_dir: str) -> tuple[list[int], float, float]:
+    """Lease until the range is exhausted (timeout 0: no waiting); keep every lease."""
+    alloc = allocator(port_range, lock_dir, timeout=0)
+    barrier.wait(WAIT)
+    ports: list[int] = []
+    start = last = time.monotonic()
+    try:
+        while len(ports) <= SCALE_SIZE:
+            ports.append(alloc.lease())
+            last = time.monotonic()
+    except PortsExhausted:
+        pass
+    return ports, start, last
+
+
+def hold_job(port_range: str, lock_dir: str, free: int, out: Queue[Any], done: Event) -> None:
+    """Hold every port of the range but ``free`` random ones, until ``done`` is set."""
+    alloc = allocator(port_range, lock_dir, timeout=0)
+    for _ in range(SCALE_SIZE):
+        alloc.lease()
+    for port in random.sample(sorted(alloc.held), free):
+        alloc.release(port)
+    out.put(len(alloc.held))
+    done.wait(WAIT)
+
+
+def rounds_job(
+    barrier: Barrier, method: str, port_range: str | None, lock_dir: str | None, n: int, gap: float
+) -> int:
+    """``n`` rounds of: get a port, wait ``gap`` (a server starting), listen on it without
+    SO_REUSEADDR for ``HOLD``, close (and end the lease); the number of EADDRINUSE."""
+    alloc = None if method == "recipe" else allocator(port_range, lock_dir, timeout=10)
+    barrier.wait(WAIT)
+    failures = 0
+    for _ in range(n):
+        port = recipe_port() if alloc is None else alloc.lease()
+        time.sleep(gap)
+        listener = socket.socket()
+        try:
+            listener.bind((HOST, port))
+            listener.listen()
+            time.sleep(HOLD)
+        except OSError as error:
+            if error.errno not in IN_USE:
+                raise
+            failures += 1
+        finally:
+            listener.close()
+            if alloc is not None:
+                alloc.release(port)
+    return failures
+
+
+def churn(stop: Event, ready: Event, out: Queue[Any], seconds: float, limit: int) -> None:
+    """Open outgoing loopback connections (64 open at a time, reset on close so no TIME_WAIT
+    piles up) until told to stop, for at most ``seconds`` and ``limit`` connections."""
+    server = socket.create_server((HOST, 0), backlog=1024)
+    server.settimeout(0.2)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                server.accept()[0].close()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    linger = struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
+    pool: collections.deque[socket.socket] = collections.deque()
+    start = time.monotonic()
+    count = 0
+    ready.set()
+    while count < limit and time.monotonic() - start < seconds:
+        if count % 256 == 0 and stop.is_set():
+            break
+        count += 1
+        client = socket.socket()
+        client.settimeout(5)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        try:
+            client.connect(server.getsockname())
+        except OSError:
+            client.close()
+            continue
+        pool.append(client)
+        if len(pool) > 64:
+            pool.popleft().close()
+    elapsed = time.monotonic() - start
+    for client in pool:
+        client.close()
+    stop.set()
+    thread.join(1)
+    server.close()
+    out.put((count, elapsed))
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def latency(iterations: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as lock_dir:
+        alloc = allocator(LATENCY_RANGE, lock_dir, timeout=5)
+        for _ in range(1000):  # warm up: create every lock file once
+            alloc.release(alloc.lease())
+        ours, theirs, api = [], [], []
+        for _ in range(iterations):
+            t0 = time.perf_counter_ns()
+            alloc.release(alloc.lease())
+            t1 = time.perf_counter_ns()
+            recipe_port()
+            t2 = time.perf_counter_ns()
+            ours.append(t1 - t0)
+            theirs.append(t2 - t1)
+        for _ in range(iterations // 5):
+            t0 = time.perf_counter_ns()
+            with lease_port(port_range=LATENCY_RANGE, lock_dir=lock_dir, timeout=5):
+                pass
+            api.append(time.perf_counter_ns() - t0)
+    (ours_med, ours_p99), (theirs_med, theirs_p99) = micros(ours), micros(theirs)
+    return {
+        "iterations": iterations,
+        "ephemeral_median_us": ours_med,
+        "ephemeral_p99_us": ours_p99,
+        "recipe_median_us": theirs_med,
+        "recipe_p99_us": theirs_p99,
+        "ratio_median": ours_med / theirs_med,
+        "target_met": ours_med <= 50,
+        "lease_port_median_us": micros(api)[0],
+    }
+
+
+def scale(trials: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as lock_dir:
+        alloc = allocator(SCALE_RANGE, lock_dir, timeout=0)
+        fills = []
+        for _ in range(2):  # first creating every lock file, then with the files in place
+            t0 = time.perf_counter()
+            for _ in range(SCALE_SIZE):
+                alloc.lease()
+            fills.append(time.perf_counter() - t0)
+            alloc.release_all()
+        # Another process holds 99%, the free 1% scattered: time a fresh allocator's next lease.
+        out, done = CTX.Queue(), CTX.Event()
+        free = SCALE_SIZE - SCALE_HELD
+        holder = CTX.Process(target=hold_job, args=(SCALE_RANGE, lock_dir, free, out, done))
+        holder.start()
+        try:
+            if out.get(timeout=WAIT) != SCALE_HELD:
+                raise RuntimeError(f"the holder process did not hold {SCALE_HELD} ports")
+            at_99 = []
+            for _ in range(trials):
+                probe = allocator(SCALE_RANGE, lock_dir, timeout=0)
+                t0 = time.perf_counter()
+                probe.release(probe.lease())
+                at_99.append(time.perf_counter() - t0)
+            for _ in range(free):  # now 100% held: how soon does a lease give up?
+                alloc.lease()
+            probe = allocator(SCALE_RANGE, lock_dir, timeout=0)
+            t0 = time.perf_counter()
+            try:
+                probe.lease()
+                raise RuntimeError("leased a port of a range that is fully held")
+            except PortsExhausted:
+                exhausted = time.perf_counter() - t0
+            alloc.release_all()
+        finally:
+            done.set()
+            holder.join(WAIT)
+    with tempfile.TemporaryDirectory() as lock_dir:
+        replies = run_children(fill_job, [(SCALE_RANGE, lock_dir)] * 4)
+    leased = [port for ports, _, _ in replies for port in ports]
+    duplicates = len(leased) - len(set(leased))
+    low, high = (int(n) for n in SCALE_RANGE.split("-"))
+    missing = set(range(low, high + 1)) - set(leased)
+    if duplicates or any(bindable(port) for port in missing):
+        raise RuntimeError(f"4 processes: {duplicates} duplicate leases, {len(missing)} missing")
+    return {
+        "range": SCALE_RANGE,
+        "one_process_s": fills[0],
+        "one_process_files_exist_s": fills[1],
+        "four_processes_s": max(r[2] for r in replies) - min(r[1] for r in replies),
+        "four_processes_leased": len(leased),
+        "duplicates": duplicates,
+        "target_met": fills[0] < 1,
+        "bound_by_others": len(missing),
+        "held_99_median_us": statistics.median(at_99) * 1e6,
+        "held_99_max_us": max(at_99) * 1e6,
+        "held_100_exhausted_ms": exhausted * 1e3,
+    }
+
+
+def rounds(method: str, port_range: str | None, procs: int, n: int, gap: float) -> int:
+    with tempfile.TemporaryDirectory() as temp:
+        lock_dir = None if port_range is None else temp  # auto range: the default lock dir
+        args = [(method, port_range, lock_dir, n, gap)] * procs
+        return sum(run_children(rounds_job, args))
+
+
+def collisions(procs: int, n: int, gap: float) -> dict[str, Any]:
+    recipe, ours = (rounds(method, None, procs, n, gap) for method in ("recipe", "ephemeral"))
+    return {
+        "processes": procs,
+        "rounds": n,
+        "gap_s": gap,
+        "recipe_failed": recipe,
+        "ephemeral_failed": ours,
+        "target_met": ours == 0,
+    }
+
+
+def theft(procs: int, n: int, gap: float, os_range: tuple[int, int]) -> dict[str, Any]:
+    middle = (os_range[0] + os_range[1]) // 2
+    inside = f"{middle - 1000}-{middle + 999}"
+    stop, ready, out = CTX.Event(), CTX.Event(), CTX.Queue()
+    churner = CTX.Process(target=churn, args=(stop, ready, out, 90.0, 3_000_000))
+    churner.start()
+    try:
+        if not ready.wait(30):
+            raise RuntimeError("the background connection process did not start")
+        figures = {
+            "ephemeral_auto_failed": rounds("ephemeral", None, procs, n, gap),
+            "ephemeral_inside_failed": rounds("ephemeral", inside, procs, n, gap),
+            "recipe_failed": rounds("recipe", None, procs, n, gap),
+        }
+        stopped_early = stop.is_set()
+    finally:
+        stop.set()
+        count, elapsed = out.get(timeout=WAIT)
+        churner.join(WAIT)
+    if stopped_early:
+        raise RuntimeError("the background connections stopped (time or count limit) too soon")
+    return {
+        "processes": procs,
+        "rounds": n,
+        "inside_os_range": inside,
+        **figures,
+        "target_met": figures["ephemeral_auto_failed"] == 0,
+        "background_connections": count,
+        "background_per_s": count / elapsed,
+    }
+
+
+def startup(runs: int) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHONDONT"))}
+    with tempfile.TemporaryDirectory() as temp:
+        # Bytecode is cached (in the temp dir), as in any installed package.
+        env["PYTHONPYCACHEPREFIX"] = str(Path(temp, "pycache"))
+        suite = Path(temp, "suite")
+        suite.mkdir()
+        (suite / "pytest.ini").write_text("[pytest]\n")
+        (suite / "conftest.py").write_text("")
+        tests = "".join(f"def test_{i}():\n    pass\n\n\n" for i in range(500))
+        (suite / "test_generated.py").write_text(tests)
+        base = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider"]
+
+        def run(*extra: str) -> tuple[float, str]:
+            t0 = time.perf_counter()
+            done = subprocess.run(
+                [*base, *extra], cwd=suite, env=env, capture_output=True, text=True, timeout=60
+            )
+            if done.returncode != 0 or "500 tests collected" not in done.stdout:
+                raise RuntimeError(f"pytest failed:\n{done.stdout}\n{done.stderr}")
+            return time.perf_counter() - t0, done.stdout
+
+        if "ephemeral ports:" not in run()[1]:  # warm-up, and proof the plugin is loaded
+            raise RuntimeError("the pytest-ephemeral plugin did not load")
+        run("-p", "no:ephemeral")
+        with_plugin, without = [], []
+        for _ in range(runs):
+            with_plugin.append(run("-q")[0])
+            without.append(run("-q", "-p", "no:ephemeral")[0])
+        imports = []
+        for _ in range(5):
+            command = [sys.executable, "-X", "importtime", "-c", "import pytest_ephemeral"]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+            line = next(x for x in done.stderr.splitlines() if x.endswith("| pytest_ephemeral"))
+            imports.append(int(line.split("|")[1]) / 1e3)
+    ratio = statistics.median(with_plugin) / statistics.median(without)
+    return {
+        "runs": runs,
+        "with_plugin_median_s": statistics.median(with_plugin),
+        "without_plugin_median_s": statistics.median(without),
+        "ratio": ratio,
+        "import_ms": statistics.median(imports),
+        "target_met": ratio <= 1.05,
+    }
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def table(machine: dict[str, Any], r: Results) -> str:
+    lat, sc, co, th, st = (r[k] for k in ("latency", "scale", "collisions", "theft", "startup"))
+    met = {True: "met", False: "MISSED"}
+    rows: list[tuple[str, object, object, str]] = [
+        ("Section: figure", "ephemeral", "recipe", "ratio; target"),
+        ("1 lease + release, median (us)", lat["ephemeral_median_us"], lat["recipe_median_us"],
+         f"{lat['ratio_median']:.1f}x; <= 50 us {met[lat['target_met']]}"),
+        ("  lease + release, p99 (us)", lat["ephemeral_p99_us"], lat["recipe_p99_us"], ""),
+        ("  with lease_port(...), median (us)", lat["lease_port_median_us"], "-", ""),
+        (f"2 lease all {SCALE_SIZE} ports, 1 process, new dir (s)", sc["one_process_s"], "-",
+         f"< 1 s {met[sc['target_met']]}"),
+        ("  the same, lock files in place (s)", sc["one_process_files_exist_s"], "-", ""),
+        (f"  lease all {SCALE_SIZE}, 4 processes, new dir (s)", sc["four_processes_s"], "-",
+         f"{sc['four_processes_leased']} ports leased, {sc['duplicates']} twice"),
+        ("  next lease, 99% held by others, median (us)", sc["held_99_median_us"], "-", ""),
+        ("  next lease, 99% held by others, max (us)", sc["held_99_max_us"], "-", ""),
+        ("  PortsExhausted, 100% held (ms)", sc["held_100_exhausted_ms"], "-", ""),
+        (f"3 EADDRINUSE, {co['processes']} x {co['rounds']} rounds", co["ephemeral_failed"],
+         co["recipe_failed"], f"0 {met[co['target_met']]}"),
+        ("4 failed binds under churn: auto range", th["ephemeral_auto_failed"],
+         th["recipe_failed"], f"0 {met[th['target_met']]}"),
+        (f"  explicit range {th['inside_os_range']}", th["ephemeral_inside_failed"], "-",
+         "inside the OS auto-assign range"),
+        ("5 collect 500 tests, median (s)", st["with_plugin_median_s"],
+         st["without_plugin_median_s"], f"{st['ratio']:.3f}; <= 1.05 {met[st['target_met']]}"),
+        ("  import pytest_ephemeral (ms)", st["import_ms"], "-", ""),
+    ]  # fmt: skip
+    text = [(label, cell(ours), cell(theirs), note) for label, ours, theirs, note in rows]
+    widths = [max(len(row[i]) for row in text) for i in range(3)]
+    lines = [
+        f"pytest-ephemeral benchmark, {machine['date']}",
+        f"{machine['os']}, {machine['cores']} cores, {machine['python']}",
+        f"OS auto-assign range {machine['os_auto_assign']}, plugin auto range"
+        f" {machine['auto_range']}",
+        "",
+    ]
+    for label, ours, theirs, note in text:
+        line = f"{label:<{widths[0]}}  {ours:>{widths[1]}}  {theirs:>{widths[2]}}  {note}"
+        lines.append(line.rstrip())
+        if len(lines) == 5:
+            lines.append("-" * (len(lines[-1]) + 10))
+    lines += [
+        "",
+        f"3-4: {co['processes']} processes at once; each round gets a port, waits"
+        f" {co['gap_s'] * 1e3:g} ms (a server starting),",
+        f"     listens on it without SO_REUSEADDR for {HOLD * 1e3:g} ms, closes.",
+        f"4:   {th['background_connections']} outgoing loopback connections"
+        f" ({th['background_per_s']:.0f}/s) in the background meanwhile.",
+        "5:   the recipe column is the same suite run with -p no:ephemeral.",
+        f"Auto-range sections use the shared lock dir {machine['default_lock_dir']}.",
+    ]
+    return "\n".join(lines)
+
+
+def raise_fd_limit(needed: int) -> None:
+    if sys.platform != "win32":
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke test")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    options = parser.parse_args(argv)
+    quick = options.quick
+    raise_fd_limit(SCALE_SIZE + 256)
+    system = read_system_ports()
+    auto = resolve({})
+    os_range = system.auto_assign[0] if system.auto_assign else (32768, 60999)
+    machine: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "os": platform.platform(),
+        "cores": os.cpu_count(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "os_auto_assign": format_spans(system.auto_assign) if system.auto_assign else "unknown",
+        "auto_range": str(auto.ports),
+        "default_lock_dir": str(auto.lock_dir),
+    }
+    procs, n, gap = 8, 100 if quick else 1000, 0.001
+    started = time.monotonic()
+    results: Results = {}
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("latency", lambda: latency(1000 if quick else 5000)),
+        ("scale", lambda: scale(10 if quick else 50)),
+        ("collisions", lambda: collisions(procs, n, gap)),
+        ("theft", lambda: theft(procs, n, gap, os_range)),
+        ("startup", lambda: startup(3 if quick else 9)),
+    ]
+    for name, step in steps:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results[name] = step()
+    machine["wall_s"] = round(time.monotonic() - started, 1)
+    print(table(machine, results))
+    print(f"Wall time {machine['wall_s']} s.")
+    if options.json:
+        options.json.write_text(json.dumps({"machine": machine, **results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
