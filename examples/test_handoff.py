@@ -24,7 +24,8 @@ from ._support import EchoHTTPHandler, echo_lines, echo_round_trip, http_request
 class HandoffHTTPServer(ThreadingHTTPServer):
     """A ``ThreadingHTTPServer`` that serves on an already bound socket instead of binding one."""
 
-    daemon_threads = True  # never wait for a handler thread at shutdown
+    # server_close() joins the handler threads: each has closed its connection when it returns
+    daemon_threads = False
 
     def __init__(self, sock: socket.socket, handler: type[BaseHTTPRequestHandler]) -> None:
         host, port = sock.getsockname()[:2]

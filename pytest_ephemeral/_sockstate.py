@@ -1,13 +1,16 @@
 """Is something still using a port when its lease ends? Socket states, not just a bind probe.
 
-A bind probe cannot tell a leaked server from a harmless TIME_WAIT: both make a bind fail. So a
-probe only answers the common case cheaply (about 10 us): the port binds, nothing uses it. When a
-TCP bind fails, Linux's ``/proc/net/tcp`` and ``tcp6`` (a millisecond or two to read) tell a
-listener or an open connection from TIME_WAIT; a socket that is bound but not listening is in
-neither table, so a failed bind with nothing there is reported as bound. Elsewhere the best
-available check is a TCP connect to the port on the leased host, which finds a listener still
-accepting. UDP has no TIME_WAIT: a failed UDP bind always means a socket is still bound.
-"""
+What counts as a leak is what a forgotten server leaves: a TCP listener, a TCP socket still
+bound, or a bound UDP socket. Connections do not count: a stopped server's handler threads may
+still be closing theirs, and a port they keep is simply skipped by the next lease.
+
+A bind probe cannot tell a leak from a harmless TIME_WAIT (both make a bind fail), so it only
+answers the common case cheaply (about 15 us): the port binds, nothing uses it. When a TCP bind
+fails, Linux's ``/proc/net/tcp`` and ``tcp6`` (a millisecond or two to read) show a listener or
+only connections; a socket that is bound but not listening is in neither table, so a failed bind
+with nothing listed means a bound socket. Elsewhere the best available check is a TCP connect to
+the port on the leased host, which finds a listener still accepting. UDP has no TIME_WAIT: a
+failed UDP bind always means a socket is still bound."""
 
 from __future__ import annotations
 
@@ -17,15 +20,7 @@ from pathlib import Path
 
 from ._probe import Targets, is_free
 
-#: TCP states of a socket the test still has open, by their ``/proc/net/tcp`` code. TIME_WAIT and
-#: the FIN_WAIT / LAST_ACK / CLOSING states that a proper close passes through are left out.
-_TCP_IN_USE = {
-    "0A": "listening",
-    "01": "holding an open connection",
-    "02": "connecting",
-    "03": "holding an open connection",
-    "08": "holding a connection its peer has closed",
-}
+_LISTEN = "0A"  # the /proc/net/tcp state code of a listening socket
 _PROC_NET = Path("/proc/net")
 
 
@@ -51,9 +46,8 @@ def _read(name: str) -> str:
 
 def _tcp_use_linux(port: int) -> str | None:
     states = local_port_states(_read("tcp"), port) + local_port_states(_read("tcp6"), port)
-    for state in states:
-        if state in _TCP_IN_USE:
-            return f"{_TCP_IN_USE[state]} (TCP)"
+    if _LISTEN in states:
+        return "listening (TCP)"
     return None if states else "bound (TCP)"  # bound sockets that do not listen are not listed
 
 

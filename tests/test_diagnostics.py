@@ -327,6 +327,22 @@ def test_still_in_use_tells_each_case_apart(port_and_targets: tuple[int, Targets
     assert still_in_use(port, "127.0.0.1", targets) is None
 
 
+def test_connections_a_stopped_server_is_closing_are_not_leaks(
+    port_and_targets: tuple[int, Targets],
+) -> None:
+    port, targets = port_and_targets
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+    with accepted:  # the listener is closed; its accepted connection is still open
+        assert still_in_use(port, "127.0.0.1", targets) is None
+        client.close()  # and now in CLOSE_WAIT, its peer gone
+        assert accepted.recv(1) == b""
+        assert still_in_use(port, "127.0.0.1", targets) is None
+
+
 def test_the_connect_check_used_off_linux_finds_a_listener(
     port_and_targets: tuple[int, Targets],
 ) -> None:
