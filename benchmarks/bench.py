@@ -34,7 +34,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pytest_ephemeral import PortAllocator, PortsExhausted, lease_port
+from pytest_ephemeral import PortsExhausted, lease_port
+from pytest_ephemeral._allocator import PortAllocator
 from pytest_ephemeral._ranges import format_spans, read_system_ports
 from pytest_ephemeral._settings import Raw, resolve
 

@@ -12,7 +12,6 @@ TYPE_CHECKING = False  # not typing's: importing typing would be most of this mo
 if TYPE_CHECKING:
     from typing import Any
 
-    from ._allocator import PortAllocator
     from ._api import lease_block, lease_port
     from .plugin import EphemeralPortWarning, PortFactory
 
@@ -20,7 +19,6 @@ __all__ = [
     "ConfigError",
     "EphemeralError",
     "EphemeralPortWarning",
-    "PortAllocator",
     "PortFactory",
     "PortsExhausted",
     "lease_block",
@@ -28,7 +26,6 @@ __all__ = [
 ]
 
 _LAZY = {
-    "PortAllocator": "._allocator",
     "EphemeralPortWarning": ".plugin",
     "PortFactory": ".plugin",
     "lease_block": "._api",

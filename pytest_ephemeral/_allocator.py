@@ -14,6 +14,7 @@ import random
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from ._errors import PortsExhausted
@@ -33,6 +34,15 @@ _held_here: dict[str, dict[int, int]] = {}
 _mutex = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    global _mutex
+    _mutex = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @dataclass
 class Stats:
     """Counters for the run summary; plain numbers so they can cross process boundaries."""
@@ -46,12 +56,13 @@ class Stats:
 
 @dataclass(frozen=True)
 class Lease:
-    """A leased port: the descriptor whose lock reserves it, and the test it is for."""
+    """A leased port: the descriptor whose lock reserves it, who took it, and what for."""
 
     port: int
     fd: int
+    pid: int  # the process that took the lock (a forked child must not unlock it)
+    kinds: tuple[socket.SocketKind, ...]  # the protocols it was bind-checked for
     nodeid: str | None
-    since: float
 
 
 @dataclass
@@ -62,6 +73,7 @@ class _Pass:
     other_threads: int = 0
     bound: int = 0
     locked: list[int] = field(default_factory=list)
+    unrecorded: list[str] = field(default_factory=list)  # holder records that failed
 
 
 class PortAllocator:
@@ -80,8 +92,8 @@ class PortAllocator:
         self._held: dict[int, Lease] = {}
         with _mutex:
             self._held_here = _held_here.setdefault(self._lock_dir, {})
-        self._cursor = random.randrange(len(self._ports))
-        self._pid = os.getpid()
+        # SystemRandom: pytest-randomly reseeds the global generator alike in every xdist worker.
+        self._cursor = random.SystemRandom().randrange(len(self._ports))
 
     @property
     def held(self) -> frozenset[int]:
@@ -111,6 +123,8 @@ class PortAllocator:
                 seen = _Pass()
                 ports = self._walk(n, kinds, nodeid, seen)
             if ports is not None:
+                if seen.unrecorded:
+                    self._warn_unrecorded(ports, seen.unrecorded)
                 return ports
             if not seen.locked and not seen.bound and not seen.other_threads:
                 raise self._exhausted(n, seen, waited=None)  # all this thread's: waiting is vain
@@ -131,14 +145,29 @@ class PortAllocator:
             if lease is None:
                 raise ValueError(f"port {port} is not leased by this allocator")
             del self._held_here[port]
-            unlock(lease.fd, self._pid)
+            unlock(lease.fd, lease.pid)
 
     def release_all(self) -> None:
         with _mutex:
             for port, lease in self._held.items():
                 del self._held_here[port]
-                unlock(lease.fd, self._pid)
+                unlock(lease.fd, lease.pid)
             self._held.clear()
+
+    def lease_of(self, port: int) -> Lease:
+        """The lease of ``port``; ``ValueError`` if this allocator does not hold it."""
+        with _mutex:
+            if port not in self._held:
+                raise ValueError(f"port {port} is not leased by this allocator")
+            return self._held[port]
+
+    def _warn_unrecorded(self, ports: list[int], problems: list[str]) -> None:
+        try:
+            warnings.warn(f"{problems[0]} (the lease stands)", RuntimeWarning, stacklevel=4)
+        except BaseException:  # -W error: the warning raises, so the leases must not stay held
+            for port in ports:
+                self.release(port)
+            raise
 
     # --- search ---------------------------------------------------------------------------
 
@@ -155,11 +184,16 @@ class PortAllocator:
             if first + n > size or ports[first + n - 1] - ports[first] != n - 1:
                 continue  # not n consecutive candidates from here
             taken: list[Lease] = []
-            for index in range(first, first + n):
-                lease = self._try(ports[index], kinds, nodeid, seen, thread)
-                if lease is None:
-                    break
-                taken.append(lease)
+            try:
+                for index in range(first, first + n):
+                    lease = self._try(ports[index], kinds, nodeid, seen, thread)
+                    if lease is None:
+                        break
+                    taken.append(lease)
+            except BaseException:  # out of descriptors, say: give back the block's locks so far
+                for lease in taken:
+                    unlock(lease.fd, lease.pid)
+                raise
             if len(taken) == n:
                 for lease in taken:
                     self._held[lease.port] = lease
@@ -169,7 +203,7 @@ class PortAllocator:
                 self.stats.peak = max(self.stats.peak, len(self._held))
                 return [lease.port for lease in taken]
             for lease in taken:
-                unlock(lease.fd, self._pid)
+                unlock(lease.fd, lease.pid)
             step += len(taken)  # every start up to the busy port would meet it again
         return None
 
@@ -190,16 +224,17 @@ class PortAllocator:
             seen.locked.append(port)
             self.stats.skipped_locked += 1
             return None
+        pid = os.getpid()
         try:
-            free = is_free(port, kinds, self.targets)
-            if free:
-                since = time.time()
-                write_record(fd, self.holder, port, nodeid, since)
-                return Lease(port, fd, nodeid, since)
+            if is_free(port, kinds, self.targets):
+                problem = write_record(fd, self.holder, port, nodeid, time.time())
+                if problem:
+                    seen.unrecorded.append(problem)
+                return Lease(port, fd, pid, kinds, nodeid)
         except BaseException:  # out of file descriptors, say: give the lock back first
-            unlock(fd, self._pid)
+            unlock(fd, pid)
             raise
-        unlock(fd, self._pid)
+        unlock(fd, pid)
         seen.bound += 1
         self.stats.skipped_bound += 1
         return None
@@ -209,7 +244,7 @@ class PortAllocator:
         what = "free port" if n == 1 else f"block of {n} free consecutive ports"
         when = "now" if waited is None else f"within {waited:g} s"
         lines = [
-            f"no {what} in {ports} ({len(ports)} ports) {when}:"
+            f"no {what} in {ports} ({len(ports)} port{'s' * (len(ports) != 1)}) {when}:"
             f" {len(set(seen.locked))} locked by other runs,"
             f" {seen.bound} bound by other programs or in TIME_WAIT,"
             f" {len(self._held_here.keys() & set(ports.ports))} held by this process."

@@ -1,27 +1,28 @@
 """Leases for code outside pytest fixtures: ``with lease_port() as port: ...``.
 
 The defaults are the plugin's, environment variables included, so a script and a test suite on
-one machine share the same lock directory and never hand out the same port.
+one machine share the same lock directory and never hand out the same port; called during a
+pytest session (from a ``conftest.py`` hook, say), they are that session's settings.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from os import PathLike
 
 from ._allocator import PortAllocator
-from ._settings import NAMES, Layer, Raw, env_layer, env_var, resolve
+from ._settings import Layer, Raw, default_layers, resolve
 
 _allocators: dict[tuple[object, ...], PortAllocator] = {}
 _allocators_mutex = threading.Lock()
 
 
 def _allocator(**arguments: object) -> PortAllocator:
-    """The allocator for these arguments and environment, resolved and checked once per process."""
-    key = (*arguments.items(), *(os.environ.get(env_var(name)) for name in NAMES))
+    """The allocator for these arguments and defaults, resolved and checked once per process."""
+    defaults = default_layers()
+    key = (*arguments.items(), repr(defaults))
     with _allocators_mutex:
         if key not in _allocators:
             given: Layer = {
@@ -29,7 +30,7 @@ def _allocator(**arguments: object) -> PortAllocator:
                 for name, value in arguments.items()
                 if value is not None
             }
-            _allocators[key] = PortAllocator(resolve(given, env_layer(os.environ)))
+            _allocators[key] = PortAllocator(resolve(given, *defaults))
         return _allocators[key]
 
 

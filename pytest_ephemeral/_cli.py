@@ -10,14 +10,15 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError
-from ._ranges import IANA_DYNAMIC, derive_auto, format_spans, parse_spans, read_system_ports
-from ._settings import default_lock_dir, env_var
+from ._ranges import IANA_DYNAMIC, derive_auto, format_spans, read_system_ports
+from ._settings import default_lock_dir, env_layer, env_var, exclusions
 
 _LOCK_FILE = re.compile(r"(\d+)\.lock")
 
@@ -37,6 +38,12 @@ def live_leases(lock_dir: Path) -> list[dict[str, Any]]:
 
 def _status(lock_dir: Path, as_json: bool) -> None:
     leases = live_leases(lock_dir)
+    for lease in leases:
+        if "unreadable" in lease.get("problem", ""):
+            print(
+                f"pytest-ephemeral: warning: port {lease['port']}: {lease['problem']}",
+                file=sys.stderr,
+            )
     if as_json:
         print(json.dumps(leases, indent=2))
         return
@@ -67,13 +74,7 @@ def _status(lock_dir: Path, as_json: bool) -> None:
 
 def _range(as_json: bool) -> None:
     system = read_system_ports()
-    exclude_text = os.environ.get(env_var("exclude"), "")
-    try:
-        exclude = parse_spans(exclude_text)
-    except ValueError as error:
-        raise ConfigError(
-            f"bad value {exclude_text!r} from {env_var('exclude')}: {error}"
-        ) from None
+    exclude = exclusions(env_layer(os.environ).get("exclude"))
     ports = derive_auto(system, exclude)
     figures = {
         "range": format_spans(ports.spans),

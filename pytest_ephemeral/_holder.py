@@ -23,6 +23,8 @@ def this_process(worker: str | None = None, testrun: str | None = None) -> Holde
 
 def describe(record: dict[str, Any], now: float | None = None) -> str:
     """One line for a person: port, pid, worker, test, age."""
+    if record.get("pid") is None:
+        return f"port {record['port']}: {record.get('problem') or 'no holder record'}"
     now = time.time() if now is None else now
     since = record.get("since")
     age = f"for {now - since:.1f} s" if isinstance(since, (int, float)) else "since unknown"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import warnings
 from typing import Any
 
 from filelock import lock_descriptor, unlock_descriptor
@@ -23,9 +22,17 @@ from filelock import lock_descriptor, unlock_descriptor
 from ._holder import Holder
 
 _FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-#: Errors that mean "someone else's file is in the way": treat the port as held by another run.
-_FOREIGN = (errno.EACCES, errno.EPERM, errno.ELOOP)
+# O_NONBLOCK: a FIFO planted at a lock path must not hang a reader.
+_READ_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+)
+#: Errors that mean "something else is in the way": treat the port as held by another run.
+_FOREIGN = (errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR)
+#: The keys of every record ``read_live_record`` returns (``None`` where unknown).
+RECORD_KEYS = ("port", "pid", "host", "worker", "testrun", "nodeid", "since")
 
 
 def lock_path(lock_dir: str, port: int) -> str:
@@ -33,7 +40,11 @@ def lock_path(lock_dir: str, port: int) -> str:
 
 
 def try_lock(path: str) -> int | None:
-    """Open and lock ``path`` without blocking: the locked descriptor, or None if it is held."""
+    """Open and lock ``path`` without blocking: the locked descriptor, or None if it is held.
+
+    A record left in the file by an earlier holder is cleared at once, so nobody reading it
+    while this lock is held takes a dead process for the holder.
+    """
     try:
         fd = os.open(path, _FLAGS | getattr(os, "O_BINARY", 0), 0o600)
     except OSError as error:
@@ -42,6 +53,7 @@ def try_lock(path: str) -> int | None:
         raise
     try:
         if lock_descriptor(fd, blocking=False):
+            os.ftruncate(fd, 0)
             return fd
     except BaseException:
         os.close(fd)
@@ -59,8 +71,11 @@ def unlock(fd: int, owner_pid: int) -> None:
         os.close(fd)
 
 
-def write_record(fd: int, holder: Holder, port: int, nodeid: str | None, since: float) -> None:
-    """Write who holds the lease into its lock file, through the descriptor that holds the lock."""
+def write_record(
+    fd: int, holder: Holder, port: int, nodeid: str | None, since: float
+) -> str | None:
+    """Write who holds the lease into its (empty) lock file, through the descriptor holding the
+    lock. Returns what went wrong, or None: a missing record costs details, never the lease."""
     record = {
         "port": port,
         "pid": holder.pid,
@@ -70,20 +85,20 @@ def write_record(fd: int, holder: Holder, port: int, nodeid: str | None, since: 
         "nodeid": nodeid,
         "since": since,
     }
-    data = b"\n" + json.dumps(record).encode() + b"\n"
     try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, data)
-        os.ftruncate(fd, len(data))
+        os.write(fd, b"\n" + json.dumps(record).encode() + b"\n")
     except OSError as error:
-        warnings.warn(f"could not record the holder of port {port}: {error}", RuntimeWarning, 2)
+        return f"could not record the holder of port {port}: {error}"
+    return None
 
 
 def read_live_record(lock_dir: str, port: int) -> dict[str, Any] | None:
     """The record of a port whose lock is held right now; None when nobody holds it.
 
     Taking the lock for a moment is how liveness is tested: a record left by a killed process
-    sits in a file nobody has locked. A held lock with an unreadable record gives only the port.
+    sits in a file nobody has locked. The result has every key of ``RECORD_KEYS`` (``None`` where
+    unknown); a holder that wrote no record (another program following the lock protocol, or a
+    lease a moment old) or an unreadable one also gets a ``problem`` saying so.
     """
     try:
         fd = os.open(lock_path(lock_dir, port), _READ_FLAGS | getattr(os, "O_BINARY", 0))
@@ -94,15 +109,19 @@ def read_live_record(lock_dir: str, port: int) -> dict[str, Any] | None:
             unlock_descriptor(fd)
             return None
         os.lseek(fd, 1, os.SEEK_SET)  # skip byte 0, which Windows keeps locked
-        data = os.read(fd, 65536)
+        data = os.read(fd, 65536).partition(b"\n")[0]
     finally:
         os.close(fd)
-    try:
-        record = json.loads(data)
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as error:
-        warnings.warn(f"unreadable holder record for port {port}: {error}", RuntimeWarning, 2)
-        return {"port": port}
+    record: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
+    if not data:
+        record["problem"] = "no holder record"
+    else:
+        try:
+            found = json.loads(data)
+            if not isinstance(found, dict):
+                raise ValueError("not a JSON object")
+            record.update((key, found.get(key)) for key in RECORD_KEYS)
+        except ValueError as error:
+            record["problem"] = f"unreadable holder record: {error}"
     record["port"] = port
     return record

@@ -56,6 +56,29 @@ class Settings(NamedTuple):
     timeout: float
 
 
+#: While a pytest session is configured in this process, its layers (command line, environment,
+#: config file), so ``lease_port()`` called during the session uses the session's settings.
+_session_layers: tuple[Layer, ...] | None = None
+
+
+def push_session_layers(layers: tuple[Layer, ...]) -> tuple[Layer, ...] | None:
+    """Make ``layers`` the defaults of ``default_layers``; returns the ones to restore later."""
+    global _session_layers
+    outer, _session_layers = _session_layers, layers
+    return outer
+
+
+def pop_session_layers(outer: tuple[Layer, ...] | None) -> None:
+    global _session_layers
+    _session_layers = outer
+
+
+def default_layers() -> tuple[Layer, ...]:
+    """The settings code outside fixtures gets by default: the running pytest session's, or the
+    ``PYTEST_EPHEMERAL_*`` environment variables."""
+    return _session_layers or (env_layer(os.environ),)
+
+
 def env_var(name: str) -> str:
     return f"PYTEST_EPHEMERAL_{name.upper()}"
 
@@ -76,7 +99,7 @@ def resolve(*layers: Layer) -> Settings:
         return next((layer[name] for layer in layers if name in layer), None)
 
     exclude_raw = pick("exclude")
-    exclude = _parse(exclude_raw, parse_spans, "ports and LOW-HIGH ranges") if exclude_raw else ()
+    exclude = exclusions(exclude_raw)
     range_raw = pick("port_range")
     if range_raw is None or str(range_raw.value).strip().lower() == "auto":
         ports = derive_auto(read_system_ports(), exclude)
@@ -101,6 +124,11 @@ def resolve(*layers: Layer) -> Settings:
         host=_host(pick("host")),
         timeout=_timeout(pick("timeout")),
     )
+
+
+def exclusions(raw: Raw | None) -> Spans:
+    """The ports an ``exclude`` setting names (none when unset)."""
+    return _parse(raw, parse_spans, "ports and LOW-HIGH ranges") if raw else ()
 
 
 def _describe(raw: Raw) -> str:
@@ -170,15 +198,22 @@ def default_lock_dir() -> Path:
 def _lock_dir(raw: Raw | None) -> Path:
     """Create (mode 0o700) and vet the lock directory; refuse one another user could tamper with."""
     explicit = raw is not None
-    path = Path(os.path.abspath(os.fspath(raw.value))) if raw else default_lock_dir()  # type: ignore[call-overload]
+    if raw is None:
+        path = default_lock_dir()
+    elif isinstance(raw.value, (str, os.PathLike)):
+        path = Path(os.path.abspath(os.fspath(raw.value)))
+    else:
+        raise ConfigError(f"bad value {_describe(raw)}: not a path")
     what = f"lock dir {str(path)!r}" + (f" from {raw.origin}" if raw else "")
     fix = "Fix this and try again, or choose another one with --ephemeral-lock-dir."
     try:
         path.mkdir(mode=0o700, parents=explicit, exist_ok=True)
-        # lstat, not stat: following a symlink planted by someone else is the attack refused here.
-        info = path.lstat()
+    except FileExistsError:
+        pass  # something that is not a directory: the checks below say what
     except OSError as error:
         raise ConfigError(f"cannot create {what}: {error.strerror or error}") from None
+    # lstat, not stat: following a symlink planted by someone else is the attack refused here.
+    info = path.lstat()
     if stat.S_ISLNK(info.st_mode):
         raise ConfigError(f"{what} is a symbolic link. {fix}")
     if not stat.S_ISDIR(info.st_mode):
@@ -196,4 +231,4 @@ def _lock_dir(raw: Raw | None) -> Path:
         os.unlink(probe)
     except OSError as error:
         raise ConfigError(f"cannot write to {what}: {error.strerror or error}") from None
-    return path
+    return path.resolve()  # one spelling per directory: runs and allocators compare it

@@ -60,14 +60,15 @@ def _tcp_use_by_connecting(port: int, host: str) -> str | None:
         return None
 
 
-def still_in_use(port: int, host: str, targets: Targets) -> str | None:
-    """How ``port`` is still in use ("listening (TCP)", ...); None if free or only in TIME_WAIT.
-
-    ``targets`` are where the bind probe binds (see ``_probe.bind_targets``).
-    """
-    if not is_free(port, (socket.SOCK_DGRAM,), targets):
+def still_in_use(
+    port: int, host: str, targets: Targets, kinds: tuple[socket.SocketKind, ...]
+) -> str | None:
+    """How ``port`` is still in use for the protocols ``kinds`` its lease was for ("listening
+    (TCP)", "bound (UDP)", ...); None if free or only in TIME_WAIT. ``targets`` are where the bind
+    probe binds (see ``_probe.bind_targets``)."""
+    if socket.SOCK_DGRAM in kinds and not is_free(port, (socket.SOCK_DGRAM,), targets):
         return "bound (UDP)"
-    if is_free(port, (socket.SOCK_STREAM,), targets):
+    if socket.SOCK_STREAM not in kinds or is_free(port, (socket.SOCK_STREAM,), targets):
         return None
     if sys.platform.startswith("linux") and _PROC_NET.joinpath("tcp").exists():
         return _tcp_use_linux(port)

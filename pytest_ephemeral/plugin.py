@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import warnings
 from collections.abc import Generator, Iterator
 from dataclasses import asdict
@@ -19,7 +20,17 @@ import pytest
 
 from ._errors import ConfigError
 from ._holder import Holder, this_process
-from ._settings import NAMES, Layer, Raw, Settings, env_layer, env_var, resolve
+from ._settings import (
+    NAMES,
+    Layer,
+    Raw,
+    Settings,
+    env_layer,
+    env_var,
+    pop_session_layers,
+    push_session_layers,
+    resolve,
+)
 
 if TYPE_CHECKING:
     from ._allocator import PortAllocator
@@ -73,35 +84,58 @@ class _State:
         self.holder = holder
         self.nodeid: str | None = None  # the test running now, for holder records
         self.leaks = 0
+        self.outer_layers: tuple[Layer, ...] | None = None  # an enclosing session's, to restore
         self.totals: dict[str, float] = {}  # figures from xdist workers, for the summary
         self._allocator: PortAllocator | None = None
+        self._creating = threading.Lock()
 
     @property
     def allocator(self) -> PortAllocator:
         if self._allocator is None:
-            from ._allocator import PortAllocator  # imports filelock: only when a port is leased
+            with self._creating:
+                if self._allocator is None:
+                    from ._allocator import PortAllocator  # imports filelock: on the first lease
 
-            self._allocator = PortAllocator(self.settings, self.holder)
+                    self._allocator = PortAllocator(self.settings, self.holder)
         return self._allocator
 
-    def end_lease(self, port: int, nodeid: str | None) -> None:
-        """Release ``port``, warning first if the test left something using it.
+    def leased_socket(self, protocol: str, host: str, nodeid: str | None) -> socket.socket:
+        """A socket bound to a newly leased port. A program that ignores the locks could bind the
+        port between the probe and this bind: then the lease goes back and the next port is tried.
+        """
+        from ._probe import bound_socket, family_of
 
-        Checked while the lease is still held, so whatever uses the port is the test's own.
+        kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+        for attempt in range(1, 4):
+            port = self.allocator.lease(protocol, nodeid)
+            try:
+                return bound_socket(family_of(host), kind, host, port)
+            except BaseException as error:
+                self.allocator.release(port)
+                if not isinstance(error, OSError) or attempt == 3:
+                    raise
+        raise AssertionError("unreachable")
+
+    def end_lease(self, port: int) -> EphemeralPortWarning | None:
+        """Release ``port``; if the test left something using it, return the warning to emit.
+
+        Checked while the lease is still held, so whatever uses the port is the test's own, and
+        released whatever happens, so a warning made an error (-W error) cannot keep the lease.
         """
         from ._sockstate import still_in_use  # loaded with the first lease, like the allocator
 
-        use = still_in_use(port, self.settings.host, self.allocator.targets)
-        self.allocator.release(port)  # before warning: -W error turns the warning into a raise
-        if use is not None:
-            self.leaks += 1
-            warnings.warn(
-                EphemeralPortWarning(
-                    f"port {port}, leased by {nodeid or 'the session'}, is still {use} after"
-                    " its lease ended: stop the server and close its sockets before the test ends"
-                ),
-                stacklevel=3,
-            )
+        lease = self.allocator.lease_of(port)
+        try:
+            use = still_in_use(port, self.settings.host, self.allocator.targets, lease.kinds)
+        finally:
+            self.allocator.release(port)
+        if use is None:
+            return None
+        self.leaks += 1
+        return EphemeralPortWarning(
+            f"port {port}, leased by {lease.nodeid or 'the session'}, is still {use} after its"
+            " lease ended: stop the server and close its sockets before the test ends"
+        )
 
     def figures(self) -> dict[str, float]:
         """This process's figures for the run summary (all zero if it leased nothing)."""
@@ -137,13 +171,19 @@ def _ini_layer(config: pytest.Config) -> Layer:
         try:
             value = config.getini(key)
         except (TypeError, ValueError, pytest.UsageError) as error:  # pytest >= 9.2 wraps them
-            raise pytest.UsageError(f"bad value for {key} in {config.inipath}: {error}") from None
-        if value is not None and value != "":
-            layer[name] = Raw(value, f"{key} in config file {config.inipath}")
+            problem = str(error).removeprefix(f"{config.inipath}: ")
+            raise pytest.UsageError(f"bad value for {key} in {config.inipath}: {problem}") from None
+        if value is None or value == "":
+            continue
+        if name == "lock_dir" and config.inipath is not None:
+            value = str(config.inipath.parent / value)  # relative to the file, as paths there are
+        layer[name] = Raw(value, f"{key} in config file {config.inipath}")
     return layer
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.option.help or config.option.version:
+        return  # the help that explains a bad setting must show despite it
     layers = (_cli_layer(config), env_layer(os.environ), _ini_layer(config))
     try:
         settings = resolve(*layers)
@@ -151,7 +191,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(error)) from None
     workerinput = getattr(config, "workerinput", None) or {}
     holder = this_process(workerinput.get("workerid"), workerinput.get("testrunuid") or uuid4().hex)
-    config.stash[_STATE] = _State(settings, holder)
+    state = _State(settings, holder)
+    state.outer_layers = push_session_layers(layers)  # lease_port() in this session uses them
+    config.stash[_STATE] = state
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -187,6 +229,7 @@ def pytest_terminal_summary(
 def pytest_unconfigure(config: pytest.Config) -> None:
     state = config.stash.get(_STATE, None)
     if state is not None:
+        pop_session_layers(state.outer_layers)
         state.close()
 
 
@@ -213,7 +256,7 @@ class PortFactory:
 
     def __init__(self, state: _State) -> None:
         self._state = state
-        self._mine: dict[int, str | None] = {}  # port -> the test it was leased during
+        self._mine: set[int] = set()
         self._sockets: dict[int, socket.socket] = {}
 
     def __call__(self, *, protocol: str = "tcp") -> int:
@@ -222,9 +265,8 @@ class PortFactory:
 
     def block(self, n: int, *, protocol: str = "tcp") -> list[int]:
         """Lease ``n`` consecutive ports."""
-        nodeid = self._state.nodeid
-        ports = self._state.allocator.lease_block(n, protocol, nodeid)
-        self._mine.update(dict.fromkeys(ports, nodeid))
+        ports = self._state.allocator.lease_block(n, protocol, self._state.nodeid)
+        self._mine.update(ports)
         return ports
 
     def socket(self, *, protocol: str = "tcp", host: str | None = None) -> socket.socket:
@@ -235,12 +277,10 @@ class PortFactory:
         """
         if protocol not in ("tcp", "udp"):
             raise ValueError(f"protocol must be 'tcp' or 'udp', not {protocol!r}")
-        port = self(protocol=protocol)
-        try:
-            sock = _bind(host or self._state.settings.host, port, protocol)
-        except BaseException:
-            self.release(port)
-            raise
+        host = host or self._state.settings.host
+        sock = self._state.leased_socket(protocol, host, self._state.nodeid)
+        port = sock.getsockname()[1]
+        self._mine.add(port)
         self._sockets[port] = sock
         return sock
 
@@ -248,11 +288,13 @@ class PortFactory:
         """End the lease of one port early; ``ValueError`` if this factory does not hold it."""
         if port not in self._mine:
             raise ValueError(f"port {port} is not leased by this port_factory")
-        nodeid = self._mine.pop(port)
+        self._mine.remove(port)
         sock = self._sockets.pop(port, None)
         if sock is not None:
             sock.close()
-        self._state.end_lease(port, nodeid)
+        warning = self._state.end_lease(port)
+        if warning is not None:
+            warnings.warn(warning, stacklevel=2)
 
     def _release_all(self) -> None:
         for port in sorted(self._mine):
@@ -272,13 +314,6 @@ def port_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
     factory._release_all()
 
 
-def _bind(host: str, port: int, protocol: str) -> socket.socket:
-    from ._probe import bound_socket, family_of
-
-    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
-    return bound_socket(family_of(host), kind, host, port)
-
-
 @pytest.fixture
 def free_port(request: pytest.FixtureRequest) -> Iterator[int]:
     """A TCP port leased for this test alone: free now, and held from other tests and pytest runs
@@ -286,7 +321,7 @@ def free_port(request: pytest.FixtureRequest) -> Iterator[int]:
     state = request.config.stash[_STATE]
     port = state.allocator.lease("tcp", request.node.nodeid)
     yield port
-    state.end_lease(port, request.node.nodeid)
+    _warn(request, state.end_lease(port))
 
 
 @pytest.fixture
@@ -296,12 +331,12 @@ def free_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
     ``fd=``) and no other program can take the port in between. Closed, and the lease ended, at
     teardown; closing it earlier does not end the lease."""
     state = request.config.stash[_STATE]
-    port = state.allocator.lease("tcp", request.node.nodeid)
-    try:
-        sock = _bind(state.settings.host, port, "tcp")
-    except BaseException:
-        state.allocator.release(port)
-        raise
-    with sock:
+    with state.leased_socket("tcp", state.settings.host, request.node.nodeid) as sock:
+        port = sock.getsockname()[1]
         yield sock
-    state.end_lease(port, request.node.nodeid)
+    _warn(request, state.end_lease(port))
+
+
+def _warn(request: pytest.FixtureRequest, warning: EphemeralPortWarning | None) -> None:
+    if warning is not None:
+        request.node.warn(warning)  # located at the test, shown under its node id

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ephemeral import PortAllocator
+from pytest_ephemeral._allocator import PortAllocator
 from pytest_ephemeral._settings import Raw, default_lock_dir, resolve
 
 INNER_RANGE = "61000-64999"
@@ -90,7 +90,7 @@ def private_range(
 
 HOLDER_SCRIPT = """
 import sys
-from pytest_ephemeral import PortAllocator
+from pytest_ephemeral._allocator import PortAllocator
 from pytest_ephemeral._settings import Raw, resolve
 
 settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from pytest_ephemeral import PortAllocator, PortsExhausted
+from pytest_ephemeral import PortsExhausted
+from pytest_ephemeral._allocator import PortAllocator
+from pytest_ephemeral._lease import read_live_record, try_lock, unlock
 from pytest_ephemeral._settings import Raw, resolve
 
 from .conftest import PrivateRange
@@ -117,30 +122,96 @@ def test_releasing_what_is_not_held(private_range: MakeRange) -> None:
 
 OUT_OF_DESCRIPTORS = """
 import errno, os, resource, sys
-from pytest_ephemeral import PortAllocator
+from pytest_ephemeral._allocator import PortAllocator
+from pytest_ephemeral._lease import read_live_record, try_lock, unlock
 from pytest_ephemeral._settings import Raw, resolve
 
-resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[4]), int(sys.argv[4])))
 settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
 allocator = PortAllocator(settings)
+before = len(os.listdir("/proc/self/fd"))
 try:
     while True:
-        allocator.lease()
+        allocator.lease_block(int(sys.argv[3]))
 except OSError as error:
     assert error.errno == errno.EMFILE, error
 held = len(allocator.held)
 allocator.release_all()
-print(held, len(os.listdir("/proc/self/fd")))
+print(held, before, len(os.listdir("/proc/self/fd")))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+# Three limits in a row: the limit strikes at each position within a block of three.
+@pytest.mark.parametrize(("block", "limit"), [(1, 40), (3, 40), (3, 41), (3, 42)])
 def test_running_out_of_descriptors_is_not_reported_as_busy_ports(
-    private_range: MakeRange,
+    private_range: MakeRange, block: int, limit: int
 ) -> None:
     private = private_range(60)
-    command = [sys.executable, "-c", OUT_OF_DESCRIPTORS, private.spec, str(private.lock_dir)]
+    command = [
+        sys.executable,
+        "-c",
+        OUT_OF_DESCRIPTORS,
+        private.spec,
+        str(private.lock_dir),
+        str(block),
+        str(limit),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
-    held, open_after = map(int, done.stdout.split())
-    assert 20 < held < 40  # it stopped at the descriptor limit, with an OSError, not exhaustion
-    assert open_after < 10  # and every lock it had taken was given back
+    held, open_before, open_after = map(int, done.stdout.split())
+    assert 20 < held < limit  # it stopped at the descriptor limit, with an OSError, not exhaustion
+    assert open_after == open_before  # and every lock it had taken was given back
+
+
+def test_one_lock_dir_spelled_two_ways_is_one(private_range: MakeRange, tmp_path: Path) -> None:
+    """Ports held through one spelling are this process's through the other too: no waiting."""
+    private = private_range(2)
+    (tmp_path / "alias").symlink_to(private.lock_dir.parent)
+    alias = PrivateRange(private.ports, tmp_path / "alias" / private.lock_dir.name)
+    holder = allocator(alias, timeout=60)
+    holder.lease_block(2)
+    started = time.monotonic()
+    with pytest.raises(PortsExhausted, match=r"now: .* 2 held by this process"):
+        allocator(private, timeout=60).lease()
+    assert time.monotonic() - started < 30
+    holder.release_all()
+
+
+def test_a_stale_record_is_cleared_when_the_lock_is_taken(private_range: MakeRange) -> None:
+    private = private_range(1)
+    path = private.lock_dir / f"{private.ports[0]}.lock"
+    path.write_text('\n{"pid": 1, "nodeid": "dead.py::test_gone"}\n')
+    fd = try_lock(str(path))
+    assert fd is not None
+    try:
+        record = read_live_record(str(private.lock_dir), private.ports[0])
+        assert record is not None
+        assert record["pid"] is None
+        assert record["problem"] == "no holder record"
+    finally:
+        unlock(fd, os.getpid())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+# Python 3.12+ warns about fork() in a process with threads (an xdist worker has one); the child
+# here only releases and exits.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_never_unlocks_its_parents_lease(private_range: MakeRange) -> None:
+    private = private_range(1)
+    parent = allocator(private)
+    port = parent.lease()
+    pid = os.fork()
+    if pid == 0:  # the child: release what it inherited, then leave without cleanup
+        code = 0
+        try:
+            parent.release(port)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    record = read_live_record(str(private.lock_dir), port)
+    assert record is not None
+    assert record["pid"] == os.getpid()  # still held here, by this process
+    parent.release(port)
+    assert read_live_record(str(private.lock_dir), port) is None

@@ -198,3 +198,50 @@ def test_lock_dir_that_cannot_be_created(run: pytest.Pytester, tmp_path: Path) -
     result = run.runpytest(f"--ephemeral-lock-dir={tmp_path / 'file' / 'locks'}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: cannot create lock dir *file/locks* Not a directory"])
+
+
+def test_help_shows_despite_a_bad_setting(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_RANGE, "nonsense")
+    result = run.runpytest("--help")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["*--ephemeral-port-range=LOW-HIGH|auto*"])
+
+
+def test_a_relative_lock_dir_in_a_config_file_is_relative_to_it(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTEST_EPHEMERAL_LOCK_DIR")
+    run.makefile(".ini", pytest="[pytest]\nephemeral_lock_dir = .locks\n")
+    (run.path / "sub").mkdir()
+    monkeypatch.chdir(run.path / "sub")
+    result = run.runpytest(str(run.path))
+    assert header(result).endswith(f"lock dir: {run.path.resolve() / '.locks'}")
+
+
+def test_lease_port_during_a_session_uses_its_settings(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_RANGE)
+    run.makefile(".ini", pytest="[pytest]\nephemeral_port_range = 61700-61709\n")
+    run.makeconftest(
+        """
+        from pytest_ephemeral import lease_port
+
+        def pytest_sessionstart(session):
+            with lease_port() as port:
+                assert 61700 <= port <= 61709, port
+        """
+    )
+    run.makepyfile(
+        test_inside="""
+        from pytest_ephemeral import lease_port
+
+        def test_inside():
+            with lease_port() as port:
+                assert 61700 <= port <= 61709, port
+        """
+    )
+    result = run.runpytest_subprocess("-p", "no:xdist", "test_inside.py")
+    result.assert_outcomes(passed=1)

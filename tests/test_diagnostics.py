@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,12 +13,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from socket import AF_INET, AF_INET6
 from typing import Any
 
 import pytest
 
-from pytest_ephemeral import PortAllocator
-from pytest_ephemeral._probe import Targets
+from pytest_ephemeral._allocator import PortAllocator
+from pytest_ephemeral._probe import Targets, ipv6_available
 from pytest_ephemeral._sockstate import _tcp_use_by_connecting, local_port_states, still_in_use
 
 from .conftest import Holder, PrivateRange
@@ -198,7 +200,8 @@ def test_leaked_servers_warn_and_time_wait_does_not(pytester: pytest.Pytester) -
         [
             "*= warnings summary =*",
             "test_leaks.py::test_leaves_a_listener",
-            "*EphemeralPortWarning: port *, leased by test_leaks.py::test_leaves_a_listener,"
+            "  test_leaks.py:12: EphemeralPortWarning: port *, leased by"
+            " test_leaks.py::test_leaves_a_listener,"
             " is still listening (TCP) after its lease ended*",
             "test_leaks.py::test_leaves_a_udp_socket",
             "*EphemeralPortWarning: port *, leased by test_leaks.py::test_leaves_a_udp_socket,"
@@ -306,6 +309,10 @@ def test_local_port_states_match_the_local_port_only() -> None:
     assert local_port_states(PROC_NET_TCP, 0xD431) == []
 
 
+BOTH = (socket.SOCK_STREAM, socket.SOCK_DGRAM)
+TCP, UDP = BOTH[:1], BOTH[1:]
+
+
 @pytest.fixture
 def port_and_targets(band_allocator: PortAllocator) -> Iterator[tuple[int, Targets]]:
     port = band_allocator.lease()
@@ -315,16 +322,30 @@ def port_and_targets(band_allocator: PortAllocator) -> Iterator[tuple[int, Targe
 
 def test_still_in_use_tells_each_case_apart(port_and_targets: tuple[int, Targets]) -> None:
     port, targets = port_and_targets
-    assert still_in_use(port, "127.0.0.1", targets) is None
+    assert still_in_use(port, "127.0.0.1", targets, BOTH) is None
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
-        assert still_in_use(port, "127.0.0.1", targets) == "bound (TCP)"
+        assert still_in_use(port, "127.0.0.1", targets, BOTH) == "bound (TCP)"
         sock.listen()
-        assert still_in_use(port, "127.0.0.1", targets) == "listening (TCP)"
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.bind(("::1", port))
-        assert still_in_use(port, "127.0.0.1", targets) == "bound (UDP)"
-    assert still_in_use(port, "127.0.0.1", targets) is None
+        assert still_in_use(port, "127.0.0.1", targets, BOTH) == "listening (TCP)"
+    family, loopback = (AF_INET6, "::1") if ipv6_available() else (AF_INET, "127.0.0.1")
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.bind((loopback, port))
+        assert still_in_use(port, "127.0.0.1", targets, BOTH) == "bound (UDP)"
+    assert still_in_use(port, "127.0.0.1", targets, BOTH) is None
+
+
+def test_only_the_protocols_of_the_lease_are_checked(port_and_targets: tuple[int, Targets]) -> None:
+    port, targets = port_and_targets
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", port))
+        assert still_in_use(port, "127.0.0.1", targets, TCP) is None
+        assert still_in_use(port, "127.0.0.1", targets, UDP) == "bound (UDP)"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        assert still_in_use(port, "127.0.0.1", targets, UDP) is None
+        assert still_in_use(port, "127.0.0.1", targets, TCP) == "listening (TCP)"
 
 
 def test_connections_a_stopped_server_is_closing_are_not_leaks(
@@ -337,10 +358,10 @@ def test_connections_a_stopped_server_is_closing_are_not_leaks(
         client = socket.create_connection(("127.0.0.1", port))
         accepted, _ = listener.accept()
     with accepted:  # the listener is closed; its accepted connection is still open
-        assert still_in_use(port, "127.0.0.1", targets) is None
+        assert still_in_use(port, "127.0.0.1", targets, BOTH) is None
         client.close()  # and now in CLOSE_WAIT, its peer gone
         assert accepted.recv(1) == b""
-        assert still_in_use(port, "127.0.0.1", targets) is None
+        assert still_in_use(port, "127.0.0.1", targets, BOTH) is None
 
 
 def test_the_connect_check_used_off_linux_finds_a_listener(
@@ -352,3 +373,48 @@ def test_the_connect_check_used_off_linux_finds_a_listener(
         sock.bind(("127.0.0.1", port))
         sock.listen()
         assert _tcp_use_by_connecting(port, "0.0.0.0") == "listening (TCP)"
+
+
+@pytest.mark.skipif(shutil.which("flock") is None, reason="needs util-linux flock")
+def test_a_holder_without_a_record_is_listed_without_details(
+    pytester: pytest.Pytester, private_range: MakeRange
+) -> None:
+    """Another program following the lock protocol writes no record: no error, no warning."""
+    private = private_range(1)
+    (port,) = private.ports
+    lock_file = private.lock_dir / f"{port}.lock"
+    command = ["flock", "--nonblock", str(lock_file), "sh", "-c", "echo held; read line"]
+    pytester.makepyfile(test_wants_one="def test_wants_one(free_port): pass")
+    with subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as holder:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        leases = status("--lock-dir", str(private.lock_dir))
+        result = pytester.runpytest_subprocess(
+            "-p", "no:xdist", *private.args, "--ephemeral-timeout=0.2", "-W", "error"
+        )
+        holder.communicate("done\n", timeout=60)
+    assert leases == [
+        {
+            "port": port,
+            "pid": None,
+            "host": None,
+            "worker": None,
+            "testrun": None,
+            "nodeid": None,
+            "since": None,
+            "problem": "no holder record",
+        }
+    ]
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*Holders:", f"*  port {port}: no holder record"])
+    assert "RuntimeWarning" not in result.stdout.str()
+
+
+def test_the_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("pytest-ephemeral")
+    done = subprocess.run(
+        [str(script), "range", "--json"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(done.stdout)["dynamic"] == "49152-65535"

@@ -28,7 +28,7 @@ TIMEOUT = 240.0
 #: of JSON: how many binds failed with EADDRINUSE, and each lease as (port, start, end).
 ROUNDS_SCRIPT = """
 import errno, json, socket, sys, time
-from pytest_ephemeral import PortAllocator
+from pytest_ephemeral._allocator import PortAllocator
 from pytest_ephemeral._settings import Raw, resolve
 
 spec, lock_dir, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
