@@ -31,6 +31,8 @@ _READ_FLAGS = (
 )
 #: Errors that mean "something else is in the way": treat the port as held by another run.
 _FOREIGN = (errno.EACCES, errno.EPERM, errno.ELOOP, errno.EISDIR)
+#: What a fresh lock writes at offset 0: an empty first line, which voids any older record.
+_VOID = b"\n\n"
 #: The keys of every record ``read_live_record`` returns (``None`` where unknown).
 RECORD_KEYS = ("port", "pid", "host", "worker", "testrun", "nodeid", "since")
 
@@ -42,8 +44,9 @@ def lock_path(lock_dir: str, port: int) -> str:
 def try_lock(path: str) -> int | None:
     """Open and lock ``path`` without blocking: the locked descriptor, or None if it is held.
 
-    A record left in the file by an earlier holder is cleared at once, so nobody reading it
-    while this lock is held takes a dead process for the holder.
+    A record left in the file by an earlier holder is voided at once (its first line emptied,
+    in place: truncating would free and reallocate the file's block on every lease), so nobody
+    reading it while this lock is held takes a dead process for the holder.
     """
     try:
         fd = os.open(path, _FLAGS | getattr(os, "O_BINARY", 0), 0o600)
@@ -53,7 +56,7 @@ def try_lock(path: str) -> int | None:
         raise
     try:
         if lock_descriptor(fd, blocking=False):
-            os.ftruncate(fd, 0)
+            os.write(fd, _VOID)
             return fd
     except BaseException:
         os.close(fd)
@@ -74,8 +77,10 @@ def unlock(fd: int, owner_pid: int) -> None:
 def write_record(
     fd: int, holder: Holder, port: int, nodeid: str | None, since: float
 ) -> str | None:
-    """Write who holds the lease into its (empty) lock file, through the descriptor holding the
-    lock. Returns what went wrong, or None: a missing record costs details, never the lease."""
+    """Write who holds the lease over the start of its lock file, through the descriptor holding
+    the lock (readers take the first line after byte 0, so an older, longer record's tail is
+    ignored). Returns what went wrong, or None: a missing record costs details, never the lease.
+    """
     record = {
         "port": port,
         "pid": holder.pid,
@@ -86,6 +91,7 @@ def write_record(
         "since": since,
     }
     try:
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, b"\n" + json.dumps(record).encode() + b"\n")
     except OSError as error:
         return f"could not record the holder of port {port}: {error}"
