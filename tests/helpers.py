@@ -7,16 +7,15 @@ import socket
 from collections import defaultdict
 from pathlib import Path
 
-#: An inner test module body: every test binds a real listener (no SO_REUSEADDR) on its leased
-#: port, holds it a few milliseconds, and appends "port start end" to $HOLDS_FILE.
-HOLD_TESTS = """
+#: Inner code (a test module or a script) starts with this: ``hold(port)`` binds a real listener
+#: (no SO_REUSEADDR) on the port, keeps it a few milliseconds, and appends "port start end" to
+#: $HOLDS_FILE.
+HOLD = """
 from __future__ import annotations
 
 import os
 import socket
 import time
-
-import pytest
 
 
 def hold(port: int) -> None:
@@ -28,12 +27,20 @@ def hold(port: int) -> None:
         end = time.monotonic()
     with open(os.environ["HOLDS_FILE"], "a") as out:
         out.write(f"{port} {start} {end}\\n")
+"""
+
+#: An inner test module body: COUNT tests that each hold their ``free_port``.
+HOLD_TESTS = (
+    HOLD
+    + """
+import pytest
 
 
 @pytest.mark.parametrize("i", range(COUNT))
 def test_hold(free_port: int, i: int) -> None:
     hold(free_port)
 """
+)
 
 
 def hold_tests(count: int) -> str:

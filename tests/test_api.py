@@ -19,7 +19,7 @@ from pytest_ephemeral import ConfigError, PortsExhausted, lease_block, lease_por
 from pytest_ephemeral._probe import ipv6_available
 
 from .conftest import PrivateRange
-from .helpers import assert_no_shared_overlap, hold_tests, read_holds
+from .helpers import HOLD, assert_no_shared_overlap, hold_tests, read_holds
 
 MakeRange = Callable[[int], PrivateRange]
 
@@ -201,25 +201,16 @@ class ReadmeUnittestExample(unittest.TestCase):
             server.listen()
 
 
-SCRIPT = """
-import os
-import socket
-import sys
-import time
-
+SCRIPT = (
+    HOLD
+    + """
 from pytest_ephemeral import lease_port
 
 for _ in range(40):
     with lease_port() as port:  # range and lock dir come from PYTEST_EPHEMERAL_* variables
-        with socket.socket() as server:
-            server.bind(("127.0.0.1", port))
-            server.listen()
-            start = time.monotonic()
-            time.sleep(0.003)
-            end = time.monotonic()
-        with open(os.environ["HOLDS_FILE"], "a") as out:
-            out.write(f"{port} {start} {end}\\n")
+        hold(port)
 """
+)
 
 
 def test_scripts_and_a_pytest_run_at_once_never_overlap(
