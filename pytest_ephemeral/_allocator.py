@@ -241,13 +241,15 @@ class PortAllocator:
 
     def _exhausted(self, n: int, seen: _Pass, waited: float | None) -> PortsExhausted:
         ports = self.settings.ports
+        with _mutex:
+            held_here = len(self._held_here.keys() & set(ports.ports))
         what = "free port" if n == 1 else f"block of {n} free consecutive ports"
         when = "now" if waited is None else f"within {waited:g} s"
         lines = [
             f"no {what} in {ports} ({len(ports)} port{'s' * (len(ports) != 1)}) {when}:"
             f" {len(set(seen.locked))} locked by other runs,"
             f" {seen.bound} bound by other programs or in TIME_WAIT,"
-            f" {len(self._held_here.keys() & set(ports.ports))} held by this process."
+            f" {held_here} held by this process."
         ]
         records = (read_live_record(self._lock_dir, p) for p in sorted(set(seen.locked)))
         live = (describe(record) for record in records if record is not None)

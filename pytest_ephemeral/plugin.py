@@ -220,7 +220,7 @@ def pytest_terminal_summary(
     terminalreporter.write_line(
         f"ephemeral ports: {totals.get('leased', 0):.0f} leased,"
         f" at most {totals.get('peak', 0):.0f} held at once by one process;"
-        f" skipped {totals.get('skipped_bound', 0):.0f} bound by other programs and"
+        f" skipped {totals.get('skipped_bound', 0):.0f} bound by other programs or in TIME_WAIT and"
         f" {totals.get('skipped_locked', 0):.0f} locked by other runs;"
         f" waited {totals.get('waited', 0):.2f} s; {totals.get('leaks', 0):.0f} leak warnings"
     )
@@ -237,7 +237,8 @@ def pytest_report_header(config: pytest.Config) -> str:
     settings = config.stash[_STATE].settings
     ports = settings.ports
     how = ports.origin + (f"; {ports.caveat}" if ports.caveat else "")
-    return f"ephemeral ports: {ports} ({len(ports)} ports; {how}), lock dir: {settings.lock_dir}"
+    size = f"{len(ports)} port{'s' * (len(ports) != 1)}"
+    return f"ephemeral ports: {ports} ({size}; {how}), lock dir: {settings.lock_dir}"
 
 
 @pytest.hookimpl(wrapper=True)
