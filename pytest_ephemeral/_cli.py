@@ -18,7 +18,7 @@ from typing import Any
 
 from ._errors import ConfigError
 from ._ranges import IANA_DYNAMIC, derive_auto, format_spans, read_system_ports
-from ._settings import default_lock_dir, env_layer, env_var, exclusions
+from ._settings import Layer, default_lock_dir, env_layer, env_var, exclusions
 
 _LOCK_FILE = re.compile(r"(\d+)\.lock")
 
@@ -50,16 +50,16 @@ def _status(lock_dir: Path, as_json: bool) -> None:
     now = time.time()
     rows = [("PORT", "PID", "HOST", "WORKER", "AGE", "TEST")]
     for lease in leases:
-        since = lease.get("since")
+        since = lease["since"]
         age = f"{now - since:.1f} s" if isinstance(since, (int, float)) else "?"
         rows.append(
             (
                 str(lease["port"]),
-                str(lease.get("pid", "?")),
-                str(lease.get("host") or "?"),
-                str(lease.get("worker") or "-"),
+                str(lease["pid"] or "?"),
+                str(lease["host"] or "?"),
+                str(lease["worker"] or "-"),
                 age,
-                str(lease.get("nodeid") or "-"),
+                str(lease["nodeid"] or lease.get("problem") or "-"),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -72,9 +72,9 @@ def _status(lock_dir: Path, as_json: bool) -> None:
     print(f"{len(leases)} live lease{'s' * (len(leases) != 1)} in {lock_dir}")
 
 
-def _range(as_json: bool) -> None:
+def _range(env: Layer, as_json: bool) -> None:
     system = read_system_ports()
-    exclude = exclusions(env_layer(os.environ).get("exclude"))
+    exclude = exclusions(env.get("exclude"))
     ports = derive_auto(system, exclude)
     figures = {
         "range": format_spans(ports.spans),
@@ -99,7 +99,8 @@ def _range(as_json: bool) -> None:
     print(f"  excluded ({env_var('exclude')}): {figures['excluded']}")
     if ports.caveat:
         print(f"  note: {ports.caveat}")
-    if os.environ.get(env_var("port_range"), "auto").strip().lower() != "auto":
+    port_range = env.get("port_range")
+    if port_range and str(port_range.value).strip().lower() != "auto":
         print(f"  note: {env_var('port_range')} is set, so runs with this environment use it")
 
 
@@ -126,13 +127,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ranges.add_argument("--json", action="store_true", help="print a JSON object")
     args = parser.parse_args(argv)
+    env = env_layer(os.environ)  # the plugin's environment variables, read the plugin's way
     try:
         if args.command == "status":
-            env_dir = os.environ.get(env_var("lock_dir"), "").strip()
-            lock_dir = args.lock_dir or (Path(env_dir) if env_dir else default_lock_dir())
+            env_dir = env.get("lock_dir")
+            lock_dir = args.lock_dir or (
+                Path(str(env_dir.value)) if env_dir else default_lock_dir()
+            )
             _status(lock_dir, args.json)
         else:
-            _range(args.json)
+            _range(env, args.json)
     except (ConfigError, OSError) as error:
         parser.exit(2, f"pytest-ephemeral: error: {error}\n")
     return 0

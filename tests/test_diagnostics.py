@@ -391,6 +391,20 @@ def test_a_holder_without_a_record_is_listed_without_details(
         assert holder.stdout is not None
         assert holder.stdout.readline() == "held\n"
         leases = status("--lock-dir", str(private.lock_dir))
+        table = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest_ephemeral",
+                "status",
+                "--lock-dir",
+                str(private.lock_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.splitlines()
         result = pytester.runpytest_subprocess(
             "-p", "no:xdist", *private.args, "--ephemeral-timeout=0.2", "-W", "error"
         )
@@ -407,6 +421,7 @@ def test_a_holder_without_a_record_is_listed_without_details(
             "problem": "no holder record",
         }
     ]
+    assert table[1].split() == [str(port), "?", "?", "-", "?", "no", "holder", "record"]
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*Holders:", f"*  port {port}: no holder record"])
     assert "RuntimeWarning" not in result.stdout.str()
