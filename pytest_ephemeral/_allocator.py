@@ -246,7 +246,7 @@ class PortAllocator:
         what = "free port" if n == 1 else f"block of {n} free consecutive ports"
         when = "now" if waited is None else f"within {waited:g} s"
         lines = [
-            f"no {what} in {ports} ({len(ports)} port{'s' * (len(ports) != 1)}) {when}:"
+            f"no {what} in {ports} ({ports.size}) {when}:"
             f" {len(set(seen.locked))} locked by other runs,"
             f" {seen.bound} bound by other programs or in TIME_WAIT,"
             f" {held_here} held by this process."

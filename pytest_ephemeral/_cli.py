@@ -91,7 +91,7 @@ def _range(env: Layer, as_json: bool) -> None:
     if as_json:
         print(json.dumps(figures, indent=2))
         return
-    print(f"auto range: {figures['range']} ({figures['size']} ports)")
+    print(f"auto range: {ports} ({ports.size})")
     print(f"  dynamic range (IANA):      {figures['dynamic']}")
     print(f"  OS auto-assign range:      {figures['auto_assign'] or 'unknown'} ({system.source})")
     print(f"  reserved (never assigned): {figures['reserved']}")

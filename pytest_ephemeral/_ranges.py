@@ -120,6 +120,11 @@ class PortRange:
     def __str__(self) -> str:
         return format_spans(self.spans)
 
+    @property
+    def size(self) -> str:
+        """``"4536 ports"``, or ``"1 port"``: for messages."""
+        return f"{len(self)} port{'s' * (len(self) != 1)}"
+
     def longest_run(self) -> int:
         """The most consecutive ports the range holds, the largest block that can be leased."""
         return max((high - low + 1 for low, high in self.spans), default=0)

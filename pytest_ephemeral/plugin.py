@@ -237,8 +237,7 @@ def pytest_report_header(config: pytest.Config) -> str:
     settings = config.stash[_STATE].settings
     ports = settings.ports
     how = ports.origin + (f"; {ports.caveat}" if ports.caveat else "")
-    size = f"{len(ports)} port{'s' * (len(ports) != 1)}"
-    return f"ephemeral ports: {ports} ({size}; {how}), lock dir: {settings.lock_dir}"
+    return f"ephemeral ports: {ports} ({ports.size}; {how}), lock dir: {settings.lock_dir}"
 
 
 @pytest.hookimpl(wrapper=True)
