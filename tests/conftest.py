@@ -22,7 +22,6 @@ from pytest_ephemeral._settings import Raw, default_lock_dir, resolve
 
 INNER_RANGE = "61000-64999"
 PRIVATE_BAND = "65000-65535"
-PYTHON = sys.executable
 
 pytest_plugins = ["pytester"]
 
@@ -70,10 +69,12 @@ class PrivateRange:
         return [f"--ephemeral-port-range={self.spec}", f"--ephemeral-lock-dir={self.lock_dir}"]
 
 
+#: The type of the ``private_range`` fixture: ``private_range(n)`` gives n ports of one's own.
+MakeRange = Callable[[int], PrivateRange]
+
+
 @pytest.fixture
-def private_range(
-    band_allocator: PortAllocator, tmp_path: Path
-) -> Iterator[Callable[[int], PrivateRange]]:
+def private_range(band_allocator: PortAllocator, tmp_path: Path) -> Iterator[MakeRange]:
     taken: list[int] = []
 
     def make(n: int) -> PrivateRange:
@@ -106,7 +107,7 @@ Holder = tuple["subprocess.Popen[str]", PrivateRange]
 
 
 @pytest.fixture
-def holder_process(private_range: Callable[[int], PrivateRange]) -> Iterator[Holder]:
+def holder_process(private_range: MakeRange) -> Iterator[Holder]:
     """A separate process holding every port of a private range through real locks."""
     private = private_range(3)
     command = [sys.executable, "-c", HOLDER_SCRIPT, private.spec, str(private.lock_dir)]

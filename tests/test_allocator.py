@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,7 @@ from pytest_ephemeral._allocator import PortAllocator
 from pytest_ephemeral._lease import read_live_record, try_lock, unlock
 from pytest_ephemeral._settings import Raw, resolve
 
-from .conftest import PrivateRange
-
-MakeRange = Callable[[int], PrivateRange]
+from .conftest import MakeRange, PrivateRange
 
 
 def allocator(private: PrivateRange, exclude: str = "", timeout: float = 0) -> PortAllocator:

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import unittest
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -18,10 +17,8 @@ import pytest_ephemeral
 from pytest_ephemeral import ConfigError, PortsExhausted, lease_block, lease_port
 from pytest_ephemeral._probe import ipv6_available
 
-from .conftest import PrivateRange
+from .conftest import MakeRange
 from .helpers import HOLD, assert_no_shared_overlap, hold_tests, read_holds
-
-MakeRange = Callable[[int], PrivateRange]
 
 SOCKET_TESTS = """
 import os

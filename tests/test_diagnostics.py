@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from socket import AF_INET, AF_INET6
@@ -22,9 +22,7 @@ from pytest_ephemeral._allocator import PortAllocator
 from pytest_ephemeral._probe import Targets, ipv6_available
 from pytest_ephemeral._sockstate import _tcp_use_by_connecting, local_port_states, still_in_use
 
-from .conftest import Holder, PrivateRange
-
-MakeRange = Callable[[int], PrivateRange]
+from .conftest import Holder, MakeRange, PrivateRange
 
 #: An inner test that leases ports, announces them in $READY_FILE, and holds them until
 #: $GO_FILE exists (a real condition, polled with a bound).

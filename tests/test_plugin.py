@@ -7,7 +7,6 @@ import signal
 import socket
 import sys
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,11 @@ from pytest_ephemeral._allocator import PortAllocator
 from pytest_ephemeral._probe import ipv6_available
 from pytest_ephemeral._settings import Raw, resolve
 
-from .conftest import Holder, PrivateRange
+from .conftest import Holder, MakeRange, PrivateRange
 from .helpers import assert_no_shared_overlap, bind_fails, hold_tests, read_holds
 
 NEEDS_IPV6 = pytest.mark.skipif(not ipv6_available(), reason="IPv6 is off on this machine")
 XDIST_MODES = [["-n", "4"], ["-n", "2"], ["-p", "no:xdist"]]
-MakeRange = Callable[[int], PrivateRange]
 
 
 @pytest.fixture

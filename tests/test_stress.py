@@ -12,14 +12,13 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 
-from .conftest import PrivateRange
+from .conftest import MakeRange
 from .helpers import assert_no_shared_overlap, hold_tests, read_holds
 
-MakeRange = Callable[[int], PrivateRange]
 TIMEOUT = 240.0
 
 #: One process of the collisions run: argv is the range, the lock dir and the number of rounds.
