@@ -6,7 +6,7 @@ that need pytest load only when asked for.
 
 from __future__ import annotations
 
-from ._errors import ConfigError, EphemeralError, PortsExhausted
+from ._errors import ConfigError, EphemeralError, LockDirError, PortsExhausted
 
 TYPE_CHECKING = False  # not typing's: importing typing would be most of this module's cost
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "EphemeralError",
     "EphemeralPortWarning",
+    "LockDirError",
     "PortFactory",
     "PortsExhausted",
     "lease_block",

@@ -1,14 +1,21 @@
-"""The allocator: searches the range for ports it can lock and bind, and keeps them leased.
+"""The allocator: one per lock dir per process; searches a range for ports it can lock and bind.
 
 Lock first, then check: a candidate's lock is taken without blocking, then the port is bind-checked;
-a busy port's lock is released at once. Each process walks the range from a random starting point
-and moves on from its last lease, so concurrent processes rarely try the same candidate and a port
-this process just released is the last one it comes back to (giving its TIME_WAIT time to pass).
+a busy port's lock is released at once. Each process walks a range from a random starting point and
+moves on from its last lease, so concurrent processes rarely try the same candidate and a port this
+process just released is the last one it comes back to (giving its TIME_WAIT time to pass).
+
+What a lease is for (range, protocol, host, timeout, holder) comes with each request, as a resolved
+``Settings`` and arguments; what belongs to the lock dir (the held ports, whichever code leased
+them, and the prepared directory) lives here, once per process. The directory is prepared on the
+first lease; if it vanishes or is replaced mid-run, the next lease or release recreates it and locks
+this process's held ports again before leasing anything new.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
+import errno
 import os
 import random
 import socket
@@ -17,35 +24,26 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-from ._errors import PortsExhausted
-from ._holder import Holder, describe, this_process
-from ._lease import lock_path, read_live_record, try_lock, unlock, write_record
-from ._probe import bind_targets, is_free, socket_kinds
+from ._errors import ConfigError, EphemeralError, LockDirError, PortsExhausted
+from ._holder import Holder, this_process
+from ._lockdir import Prepared, identity, prepare
+from ._lockfile import Unusable, read_live_record, try_lock, unlock, write_record
+from ._probe import FORBIDDEN, FREE, Targets, bind_targets, probe, socket_kinds
+from ._ranges import PortRange
 from ._settings import Settings
 
 _MAX_HOLDERS_SHOWN = 10
 _POLL_FIRST, _POLL_MAX = 0.005, 0.1
-
-#: Every port this process holds, by lock dir, whichever allocator leased it, with the thread that
-#: leased it: allocators of one process (the plugin's, ``lease_port``'s) skip each other's ports
-#: without touching the file system, and never mistake them for another run's. Guarded by
-#: ``_mutex``.
-_held_here: dict[str, dict[int, int]] = {}
-_mutex = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    global _mutex
-    _mutex = threading.Lock()  # a thread of the parent may have held it at the fork
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_NO_SPACE = {errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NO_DESCRIPTORS = {errno.EMFILE, errno.ENFILE}
 
 
 @dataclass
 class Stats:
-    """Counters for the run summary; plain numbers so they can cross process boundaries."""
+    """Counters for a run summary, kept by the caller; plain numbers, to cross process boundaries.
+
+    Skipped ports are counted once per lease request, however often a wait retried them.
+    """
 
     leased: int = 0
     peak: int = 0
@@ -54,7 +52,7 @@ class Stats:
     waited: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lease:
     """A leased port: the descriptor whose lock reserves it, who took it, and what for."""
 
@@ -63,130 +61,263 @@ class Lease:
     pid: int  # the process that took the lock (a forked child must not unlock it)
     kinds: tuple[socket.SocketKind, ...]  # the protocols it was bind-checked for
     nodeid: str | None
+    holder: Holder
+    thread: int  # the thread that leased it: only it makes waiting for the port pointless
 
 
 @dataclass
 class _Pass:
-    """What one walk over the range met, for the exhaustion message."""
+    """What the walks of one request met, for the exhaustion error and the figures."""
 
     #: Held by another thread of this process, which may release them: worth waiting for.
     other_threads: int = 0
-    bound: int = 0
-    locked: list[int] = field(default_factory=list)
-    unrecorded: list[str] = field(default_factory=list)  # holder records that failed
+    locked: set[int] = field(default_factory=set)
+    bound: set[int] = field(default_factory=set)
+    forbidden: set[int] = field(default_factory=set)
+    forbidden_reason: str | None = None
+    unusable: dict[int, str] = field(default_factory=dict)
+    unrecorded: list[str] = field(default_factory=list)  # holder records that could not be written
+
+
+class _DirGone(Exception):
+    """The lock dir vanished under a walk: recover, then walk again."""
+
+
+_allocators: dict[str, PortAllocator] = {}
+_registry_mutex = threading.Lock()
+_default_holder: Holder | None = None
+
+
+def allocator_for(lock_dir: str, given: bool = True) -> PortAllocator:
+    """This process's allocator for ``lock_dir`` (one lock dir spelled two ways is one)."""
+    parent, name = os.path.split(os.path.abspath(lock_dir))
+    key = os.path.join(os.path.realpath(parent), name)
+    with _registry_mutex:
+        allocator = _allocators.get(key)
+        if allocator is None:
+            allocator = _allocators[key] = PortAllocator(key, given)
+        return allocator
+
+
+def default_holder() -> Holder:
+    """The holder of leases made outside pytest: this process (made again after a fork)."""
+    global _default_holder
+    if _default_holder is None or _default_holder.pid != os.getpid():
+        _default_holder = this_process()
+    return _default_holder
+
+
+def _after_fork_in_child() -> None:
+    global _registry_mutex
+    _registry_mutex = threading.Lock()  # a thread of the parent may have held one at the fork
+    for allocator in _allocators.values():
+        allocator._mutex = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class PortAllocator:
-    """Leases ports of ``settings.ports`` to this process; thread-safe.
+    """Leases ports whose lock files live in one lock dir; thread-safe. Use ``allocator_for``.
 
-    Every lease holds an open, locked descriptor until ``release`` (or ``release_all``).
+    Every lease holds an open, locked descriptor until ``release``.
     """
 
-    def __init__(self, settings: Settings, holder: Holder | None = None) -> None:
-        self.settings = settings
-        self.holder = holder or this_process()
-        self.stats = Stats()
-        self._ports = settings.ports.ports
-        self._lock_dir = str(settings.lock_dir)
-        self.targets = bind_targets(settings.host)  # where the bind probe binds
+    def __init__(self, lock_dir: str, given: bool) -> None:
+        self.lock_dir = lock_dir
+        self._given = given
+        self._dir: Prepared | None = None
+        self._failure: LockDirError | None = None
         self._held: dict[int, Lease] = {}
-        with _mutex:
-            self._held_here = _held_here.setdefault(self._lock_dir, {})
-        # SystemRandom: pytest-randomly reseeds the global generator alike in every xdist worker.
-        self._cursor = random.SystemRandom().randrange(len(self._ports))
+        self._cursors: dict[tuple[tuple[int, int], ...], int] = {}
+        self._lost: list[int] = []  # ports re-locked by others while the dir was gone: to warn
+        self._mutex = threading.Lock()
 
     @property
     def held(self) -> frozenset[int]:
-        """The ports this allocator holds now."""
-        with _mutex:
+        """The ports this process holds in this lock dir now."""
+        with self._mutex:
             return frozenset(self._held)
 
-    def lease(self, protocol: str = "tcp", nodeid: str | None = None) -> int:
-        """Lease one port, bind-checked for ``protocol`` ("tcp", "udp" or "both")."""
-        return self.lease_block(1, protocol, nodeid)[0]
+    def lease(
+        self,
+        settings: Settings,
+        protocol: str = "tcp",
+        nodeid: str | None = None,
+        holder: Holder | None = None,
+        stats: Stats | None = None,
+    ) -> int:
+        """Lease one port of ``settings.ports``, bind-checked for ``protocol``."""
+        return self.lease_block(1, settings, protocol, nodeid, holder, stats)[0]
 
-    def lease_block(self, n: int, protocol: str = "tcp", nodeid: str | None = None) -> list[int]:
-        """Lease ``n`` consecutive ports; poll up to the timeout while others hold them."""
+    def lease_block(
+        self,
+        n: int,
+        settings: Settings,
+        protocol: str = "tcp",
+        nodeid: str | None = None,
+        holder: Holder | None = None,
+        stats: Stats | None = None,
+    ) -> list[int]:
+        """Lease ``n`` consecutive ports; poll up to ``settings.timeout`` while others hold them."""
         kinds = socket_kinds(protocol)
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"the number of ports must be an int, not {type(n).__name__}")
         if n < 1:
-            raise ValueError(f"a block needs at least one port, not {n}")
-        longest = self.settings.ports.longest_run()
+            raise ConfigError(f"a block needs at least one port, not {n}")
+        ports = settings.ports
+        longest = ports.longest_run()
         if n > longest:
-            raise ValueError(
-                f"cannot lease {n} consecutive ports: the longest run in"
-                f" {self.settings.ports} is {longest}"
+            raise ConfigError(
+                f"cannot lease {n} consecutive ports: the longest run in {ports} is {longest}"
             )
+        targets = bind_targets(settings.host)
+        holder = holder or default_holder()
+        stats = stats if stats is not None else Stats()
+        seen = _Pass()
         deadline: float | None = None
         pause = _POLL_FIRST
         while True:
-            with _mutex:
-                seen = _Pass()
-                ports = self._walk(n, kinds, nodeid, seen)
-            if ports is not None:
-                if seen.unrecorded:
-                    self._warn_unrecorded(ports, seen.unrecorded)
-                return ports
+            with self._mutex:
+                self._ensure_dir()
+                try:
+                    leased = self._walk(n, ports, kinds, targets, nodeid, holder, seen)
+                except _DirGone:
+                    self._recover()
+                    continue
+                if leased is not None:
+                    stats.leased += n
+                    stats.peak = max(stats.peak, len(self._held))
+            if leased is not None:
+                stats.skipped_locked += len(seen.locked)
+                stats.skipped_bound += len(seen.bound)
+                self._warn_after(leased, seen)
+                return leased
             if not seen.locked and not seen.bound and not seen.other_threads:
-                raise self._exhausted(n, seen, waited=None)  # all this thread's: waiting is vain
+                raise self._exhausted(n, ports, seen, waited=None)  # waiting cannot help
             now = time.monotonic()
             if deadline is None:
-                deadline = now + self.settings.timeout
+                deadline = now + settings.timeout
             if now >= deadline:
-                raise self._exhausted(n, seen, waited=self.settings.timeout)
+                stats.skipped_locked += len(seen.locked)
+                stats.skipped_bound += len(seen.bound)
+                raise self._exhausted(n, ports, seen, waited=settings.timeout)
             nap = min(pause, deadline - now)
             time.sleep(nap)
-            self.stats.waited += nap
+            stats.waited += nap
             pause = min(pause * 2, _POLL_MAX)
+            seen.other_threads = 0  # counted afresh by the next walk
 
     def release(self, port: int) -> None:
-        """End the lease of ``port``; ``ValueError`` if this allocator does not hold it."""
-        with _mutex:
-            lease = self._held.pop(port, None)
+        """End the lease of ``port``; ``ValueError`` if this process does not hold it here."""
+        with self._mutex:
+            lease = self._held.get(port)
             if lease is None:
-                raise ValueError(f"port {port} is not leased by this allocator")
-            del self._held_here[port]
+                raise ValueError(f"port {port} is not leased in {self.lock_dir}")
+            if self._dir is not None and identity(self.lock_dir) != self._dir[1:]:
+                self._recover()  # the dir vanished: the other held ports need new locks first
+            del self._held[port]
             unlock(lease.fd, lease.pid)
-
-    def release_all(self) -> None:
-        with _mutex:
-            for port, lease in self._held.items():
-                del self._held_here[port]
-                unlock(lease.fd, lease.pid)
-            self._held.clear()
+        self._warn_lost()
 
     def lease_of(self, port: int) -> Lease:
-        """The lease of ``port``; ``ValueError`` if this allocator does not hold it."""
-        with _mutex:
-            if port not in self._held:
-                raise ValueError(f"port {port} is not leased by this allocator")
-            return self._held[port]
+        """The lease of ``port``; ``ValueError`` if this process does not hold it here."""
+        with self._mutex:
+            lease = self._held.get(port)
+        if lease is None:
+            raise ValueError(f"port {port} is not leased in {self.lock_dir}")
+        return lease
 
-    def _warn_unrecorded(self, ports: list[int], problems: list[str]) -> None:
+    # --- the lock dir ---------------------------------------------------------------------
+
+    def _ensure_dir(self) -> None:
+        """Prepare the lock dir on first use; notice if it vanished or was replaced since."""
+        if self._failure is not None:
+            raise self._failure
+        if self._dir is None:
+            self._prepare()
+        elif identity(self.lock_dir) != self._dir[1:]:
+            self._recover()
+
+    def _prepare(self) -> Prepared:
         try:
-            warnings.warn(f"{problems[0]} (the lease stands)", RuntimeWarning, stacklevel=4)
-        except BaseException:  # -W error: the warning raises, so the leases must not stay held
-            for port in ports:
+            self._dir = prepare(self.lock_dir, self._given)
+        except LockDirError as error:
+            self._failure = error  # every later lease fails at once, with the same reason
+            raise
+        return self._dir
+
+    def _recover(self) -> None:
+        """Recreate the lock dir and lock every port held here again, on fresh lock files."""
+        if self._dir is not None and self._dir.fd >= 0:
+            os.close(self._dir.fd)
+        self._dir = None
+        dir_fd = self._prepare().fd
+        for lease in self._held.values():
+            try:
+                fd = try_lock(self.lock_dir, dir_fd, lease.port)
+            except (Unusable, OSError):
+                fd = None
+            if fd is None:
+                self._lost.append(lease.port)
+                continue
+            unlock(lease.fd, lease.pid)
+            lease.fd, lease.pid = fd, os.getpid()
+            with contextlib.suppress(OSError):  # the record is a detail; the lock is the lease
+                write_record(fd, lease.holder, lease.port, lease.nodeid, time.time())
+
+    def _warn_lost(self) -> None:
+        if self._lost:
+            lost, self._lost = self._lost, []
+            warnings.warn(
+                f"the lock dir {self.lock_dir} vanished while this process held ports; another"
+                f" process locked port(s) {', '.join(map(str, sorted(lost)))} before they could be"
+                " locked again: they may be shared now",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _warn_after(self, leased: list[int], seen: _Pass) -> None:
+        """Warnings about a successful lease; under ``-W error`` the lease must not stay held."""
+        try:
+            self._warn_lost()
+            if seen.unrecorded:
+                warnings.warn(f"{seen.unrecorded[0]} (the lease stands)", RuntimeWarning, 4)
+        except BaseException:
+            for port in leased:
                 self.release(port)
             raise
 
     # --- search ---------------------------------------------------------------------------
 
     def _walk(
-        self, n: int, kinds: tuple[socket.SocketKind, ...], nodeid: str | None, seen: _Pass
+        self,
+        n: int,
+        ports: PortRange,
+        kinds: tuple[socket.SocketKind, ...],
+        targets: Targets,
+        nodeid: str | None,
+        holder: Holder,
+        seen: _Pass,
     ) -> list[int] | None:
         """One pass over the range from the cursor; lease and return ``n`` consecutive ports."""
-        ports, size = self._ports, len(self._ports)
+        numbers, size = ports.ports, len(ports)
+        cursor = self._cursors.get(ports.spans)
+        if cursor is None:
+            # SystemRandom: pytest-randomly reseeds the global generator alike in every worker.
+            cursor = random.SystemRandom().randrange(size)
         thread = threading.get_ident()
         step = 0
         while step < size:
-            first = (self._cursor + step) % size
+            first = (cursor + step) % size
             step += 1
-            if first + n > size or ports[first + n - 1] - ports[first] != n - 1:
+            if first + n > size or numbers[first + n - 1] - numbers[first] != n - 1:
                 continue  # not n consecutive candidates from here
             taken: list[Lease] = []
             try:
                 for index in range(first, first + n):
-                    lease = self._try(ports[index], kinds, nodeid, seen, thread)
+                    lease = self._try(numbers[index], kinds, targets, nodeid, holder, seen, thread)
                     if lease is None:
                         break
                     taken.append(lease)
@@ -197,68 +328,127 @@ class PortAllocator:
             if len(taken) == n:
                 for lease in taken:
                     self._held[lease.port] = lease
-                    self._held_here[lease.port] = thread
-                self._cursor = (first + n) % size
-                self.stats.leased += n
-                self.stats.peak = max(self.stats.peak, len(self._held))
+                self._cursors[ports.spans] = (first + n) % size
                 return [lease.port for lease in taken]
             for lease in taken:
                 unlock(lease.fd, lease.pid)
             step += len(taken)  # every start up to the busy port would meet it again
+        self._cursors[ports.spans] = cursor
         return None
 
     def _try(
         self,
         port: int,
         kinds: tuple[socket.SocketKind, ...],
+        targets: Targets,
         nodeid: str | None,
+        holder: Holder,
         seen: _Pass,
         thread: int,
     ) -> Lease | None:
-        holder = self._held_here.get(port)
-        if holder is not None:
-            seen.other_threads += holder != thread
+        mine = self._held.get(port)
+        if mine is not None:
+            seen.other_threads += mine.thread != thread
             return None
-        fd = try_lock(lock_path(self._lock_dir, port))
+        assert self._dir is not None
+        try:
+            fd = try_lock(self.lock_dir, self._dir.fd, port)
+        except Unusable as unusable:
+            seen.unusable[port] = str(unusable)
+            return None
+        except FileNotFoundError:
+            raise _DirGone from None
+        except OSError as error:
+            raise self._os_error(error) from error
         if fd is None:
-            seen.locked.append(port)
-            self.stats.skipped_locked += 1
+            seen.locked.add(port)
             return None
         pid = os.getpid()
         try:
-            if is_free(port, kinds, self.targets):
-                problem = write_record(fd, self.holder, port, nodeid, time.time())
-                if problem:
-                    seen.unrecorded.append(problem)
-                return Lease(port, fd, pid, kinds, nodeid)
-        except BaseException:  # out of file descriptors, say: give the lock back first
+            verdict = probe(port, kinds, targets)
+            if verdict == FREE:
+                try:
+                    write_record(fd, holder, port, nodeid, time.time())
+                except OSError as error:
+                    seen.unrecorded.append(f"could not record the holder of port {port}: {error}")
+                    _void_record(fd)
+                return Lease(port, fd, pid, kinds, nodeid, holder, thread)
+        except OSError as error:  # a socket could not even be created: give the lock back first
+            unlock(fd, pid)
+            raise self._os_error(error) from error
+        except BaseException:
             unlock(fd, pid)
             raise
         unlock(fd, pid)
-        seen.bound += 1
-        self.stats.skipped_bound += 1
+        if verdict == FORBIDDEN:
+            seen.forbidden.add(port)
+            seen.forbidden_reason = seen.forbidden_reason or _forbidden_reason(port)
+        else:
+            seen.bound.add(port)
         return None
 
-    def _exhausted(self, n: int, seen: _Pass, waited: float | None) -> PortsExhausted:
-        ports = self.settings.ports
-        with _mutex:
-            held_here = len(self._held_here.keys() & set(ports.ports))
-        what = "free port" if n == 1 else f"block of {n} free consecutive ports"
-        when = "now" if waited is None else f"within {waited:g} s"
-        lines = [
-            f"no {what} in {ports} ({ports.size}) {when}:"
-            f" {len(set(seen.locked))} locked by other runs,"
-            f" {seen.bound} bound by other programs or in TIME_WAIT,"
-            f" {held_here} held by this process."
-        ]
-        records = (read_live_record(self._lock_dir, p) for p in sorted(set(seen.locked)))
-        live = (describe(record) for record in records if record is not None)
-        holders = list(itertools.islice(live, _MAX_HOLDERS_SHOWN))
-        if holders:
-            lines.append("Holders:")
-            lines.extend(f"  {line}" for line in holders)
-        lines.append(
-            "Widen the range (--ephemeral-port-range), lower -n, release ports sooner,"
-            " or look for leaked leases with `pytest-ephemeral status`."
+    def _os_error(self, error: OSError) -> EphemeralError:
+        """A clear error for running out of something while leasing."""
+        if error.errno in _NO_DESCRIPTORS:
+            try:
+                import resource
+
+                limit = f", now {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"
+            except (ImportError, OSError, ValueError):
+                limit = ""
+            return EphemeralError(
+                f"out of file descriptors ({error.strerror}) while leasing a port: this process"
+                f" holds {len(self._held)} leases in {self.lock_dir}, one descriptor each; raise"
+                f" the limit (ulimit -n{limit}) or release ports sooner"
+            )
+        if error.errno in _NO_SPACE:
+            from ._lockdir import _cause
+
+            return LockDirError(self.lock_dir, f"cannot take a new lock file: {_cause(error)}")
+        return EphemeralError(f"cannot lease a port in {self.lock_dir}: {error}")
+
+    def _exhausted(
+        self, n: int, ports: PortRange, seen: _Pass, waited: float | None
+    ) -> PortsExhausted:
+        assert self._dir is not None
+        dir_fd = self._dir.fd
+        with self._mutex:
+            held_here = len(self._held.keys() & set(ports.ports))
+        holders = []
+        for port in sorted(seen.locked):
+            try:
+                record = read_live_record(self.lock_dir, port, dir_fd)
+            except (Unusable, OSError):
+                continue
+            if record is not None:
+                holders.append(record)
+                if len(holders) == _MAX_HOLDERS_SHOWN:
+                    break
+        return PortsExhausted(
+            range_text=str(ports),
+            size=len(ports),
+            n=n,
+            waited=waited,
+            locked=len(seen.locked),
+            bound=len(seen.bound),
+            forbidden=len(seen.forbidden),
+            forbidden_reason=seen.forbidden_reason,
+            unusable=seen.unusable,
+            held_here=held_here,
+            holders=holders,
         )
-        return PortsExhausted("\n".join(lines))
+
+
+def _void_record(fd: int) -> None:
+    """Empty the first line, so an older holder's record is not shown for this lease."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, b"\n\n")
+    except OSError:
+        pass
+
+
+def _forbidden_reason(port: int) -> str:
+    if port < 1024:
+        return "ports below 1024 need root"
+    return "permission denied by the OS"

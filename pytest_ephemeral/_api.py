@@ -2,87 +2,125 @@
 
 The defaults are the plugin's, environment variables included, so a script and a test suite on
 one machine share the same lock directory and never hand out the same port; called during a
-pytest session (from a ``conftest.py`` hook, say), they are that session's settings.
+pytest session (from a ``conftest.py`` hook, say), they are that session's settings. Settings are
+resolved once per distinct set of arguments and environment, not on every call.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from os import PathLike
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
 
-from ._allocator import PortAllocator
-from ._settings import Layer, Raw, default_layers, resolve
+from ._errors import EphemeralError
+from ._settings import NAMES, Raw, Settings, env_layer, env_var, resolve, session_layers
 
-_allocators: dict[tuple[object, ...], PortAllocator] = {}
-_allocators_mutex = threading.Lock()
+if TYPE_CHECKING:
+    from ._allocator import PortAllocator
 
-
-def _allocator(**arguments: object) -> PortAllocator:
-    """The allocator for these arguments and defaults, resolved and checked once per process."""
-    defaults = default_layers()
-    key = (*arguments.items(), repr(defaults))
-    with _allocators_mutex:
-        if key not in _allocators:
-            given: Layer = {
-                name: Raw(value, f"argument {name}=")
-                for name, value in arguments.items()
-                if value is not None
-            }
-            _allocators[key] = PortAllocator(resolve(given, *defaults))
-        return _allocators[key]
+Protocol = Literal["tcp", "udp", "both"]
+_ENV_NAMES = tuple(env_var(name) for name in NAMES)
+_ADVICE = (
+    "Pass port_range=, exclude=, lock_dir=, host= or timeout= to lease_port()/lease_block(), or"
+    " set PYTEST_EPHEMERAL_PORT_RANGE, ..._EXCLUDE, ..._LOCK_DIR, ..._HOST or ..._TIMEOUT;"
+    " `pytest-ephemeral status` shows who holds ports."
+)
+_resolved: dict[tuple[object, ...], Settings] = {}
+_resolved_mutex = threading.Lock()
+_MAX_RESOLVED = 32
 
 
-@contextmanager
+def _settings(arguments: tuple[tuple[str, object], ...]) -> Settings:
+    """The settings for these arguments over the defaults, resolved once per distinct input."""
+    session = session_layers()
+    key = (arguments, id(session) if session else tuple(map(os.environ.get, _ENV_NAMES)))
+    with _resolved_mutex:
+        settings = _resolved.get(key)
+    if settings is None:
+        given = {name: Raw(value, f"argument {name}=") for name, value in arguments}
+        settings = resolve(given, *(session or (env_layer(os.environ),)))
+        with _resolved_mutex:
+            if len(_resolved) >= _MAX_RESOLVED:
+                _resolved.clear()
+            _resolved[key] = settings
+    return settings
+
+
+class _Leased:
+    """The context manager ``lease_block`` returns: leases on enter, releases on exit."""
+
+    def __init__(self, n: int, protocol: Protocol, arguments: dict[str, object]) -> None:
+        self._n = n
+        self._protocol = protocol
+        self._arguments = tuple((k, v) for k, v in arguments.items() if v is not None)
+        self._ports: list[int] = []
+        self._allocator: PortAllocator | None = None
+
+    def __enter__(self) -> list[int]:
+        from ._allocator import allocator_for  # imports filelock: on the first lease
+
+        try:
+            settings = _settings(self._arguments)
+            self._allocator = allocator_for(settings.lock_dir, settings.lock_dir_given)
+            self._ports = self._allocator.lease_block(self._n, settings, self._protocol)
+        except EphemeralError as error:
+            error.advice = error.advice or _ADVICE
+            raise
+        return self._ports
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._allocator is not None
+        for port in self._ports:
+            self._allocator.release(port)
+
+
+class _LeasedPort(_Leased):
+    def __enter__(self) -> int:  # type: ignore[override]
+        return super().__enter__()[0]
+
+
 def lease_block(
     n: int,
     *,
-    protocol: str = "tcp",
+    protocol: Protocol = "tcp",
     host: str | None = None,
     port_range: str | None = None,
     exclude: str | None = None,
     lock_dir: str | PathLike[str] | None = None,
     timeout: float | None = None,
-) -> Iterator[list[int]]:
-    """Lease ``n`` consecutive ports for the ``with`` block.
+) -> _Leased:
+    """Lease ``n`` consecutive ports for the ``with`` block: ``with lease_block(3) as ports:``.
 
     ``port_range`` and ``exclude`` take the same strings as the plugin's options; every argument
     left out comes from its ``PYTEST_EPHEMERAL_*`` environment variable, then the default. Raises
     ``ConfigError`` for a bad value and ``PortsExhausted`` when no ports free up within ``timeout``.
     """
-    allocator = _allocator(
-        host=host, port_range=port_range, exclude=exclude, lock_dir=lock_dir, timeout=timeout
-    )
-    ports = allocator.lease_block(n, protocol)
-    try:
-        yield ports
-    finally:
-        for port in ports:
-            allocator.release(port)
+    arguments: dict[str, object] = {"host": host, "port_range": port_range, "exclude": exclude}
+    arguments.update(lock_dir=lock_dir, timeout=timeout)
+    return _Leased(n, protocol, arguments)
 
 
-@contextmanager
 def lease_port(
     *,
-    protocol: str = "tcp",
+    protocol: Protocol = "tcp",
     host: str | None = None,
     port_range: str | None = None,
     exclude: str | None = None,
     lock_dir: str | PathLike[str] | None = None,
     timeout: float | None = None,
-) -> Iterator[int]:
-    """Lease one port, bind-checked for ``protocol`` ("tcp", "udp" or "both"), for the block.
+) -> _LeasedPort:
+    """Lease one port, bind-checked for ``protocol`` ("tcp", "udp" or "both"), for the ``with``
+    block: ``with lease_port() as port:``. Takes the same keywords as ``lease_block``."""
+    arguments: dict[str, object] = {"host": host, "port_range": port_range, "exclude": exclude}
+    arguments.update(lock_dir=lock_dir, timeout=timeout)
+    return _LeasedPort(1, protocol, arguments)
 
-    Takes the same keywords as ``lease_block``.
-    """
-    with lease_block(
-        1,
-        protocol=protocol,
-        host=host,
-        port_range=port_range,
-        exclude=exclude,
-        lock_dir=lock_dir,
-        timeout=timeout,
-    ) as ports:
-        yield ports[0]
+
+lease_block.__module__ = lease_port.__module__ = "pytest_ephemeral"

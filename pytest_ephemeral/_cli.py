@@ -17,23 +17,35 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError
+from ._lockdir import default_lock_dir
 from ._ranges import IANA_DYNAMIC, derive_auto, format_spans, read_system_ports
-from ._settings import Layer, default_lock_dir, env_layer, env_var, exclusions
+from ._settings import Layer, env_layer, env_var, exclusions
 
 _LOCK_FILE = re.compile(r"(\d+)\.lock")
 
 
 def live_leases(lock_dir: Path) -> list[dict[str, Any]]:
     """The holder records of every lease held right now in ``lock_dir``, by port."""
-    from ._lease import read_live_record  # imports filelock
+    from ._lockfile import RECORD_KEYS, Unusable, read_live_record  # imports filelock
 
     try:
         names = os.listdir(lock_dir)
     except FileNotFoundError:
         return []
     ports = sorted(int(m[1]) for name in names if (m := _LOCK_FILE.fullmatch(name)))
-    records = (read_live_record(str(lock_dir), port) for port in ports)
-    return [record for record in records if record is not None]
+    records = []
+    for port in ports:
+        try:
+            record = read_live_record(str(lock_dir), port)
+        except Unusable as unusable:
+            record = {
+                **dict.fromkeys(RECORD_KEYS),
+                "port": port,
+                "problem": f"unusable lock file: {unusable}",
+            }
+        if record is not None:
+            records.append(record)
+    return records
 
 
 def _status(lock_dir: Path, as_json: bool) -> None:
@@ -131,9 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "status":
             env_dir = env.get("lock_dir")
-            lock_dir = args.lock_dir or (
-                Path(str(env_dir.value)) if env_dir else default_lock_dir()
-            )
+            lock_dir = args.lock_dir or Path(str(env_dir.value) if env_dir else default_lock_dir())
             _status(lock_dir, args.json)
         else:
             _range(env, args.json)

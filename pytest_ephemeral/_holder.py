@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import socket
 import time
@@ -19,6 +21,17 @@ class Holder(NamedTuple):
 
 def this_process(worker: str | None = None, testrun: str | None = None) -> Holder:
     return Holder(os.getpid(), socket.gethostname(), worker, testrun)
+
+
+@functools.lru_cache(maxsize=8)
+def holder_json(holder: Holder) -> str:
+    """The holder's part of a record as JSON members, made once per holder (every lease has one).
+
+    The pid is left out: the record takes the writing process's own, right after a fork too.
+    """
+    fields = holder._asdict()
+    del fields["pid"]
+    return json.dumps(fields)[1:-1]
 
 
 def describe(record: dict[str, Any], now: float | None = None) -> str:

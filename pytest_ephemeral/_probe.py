@@ -3,14 +3,22 @@
 A probe binds WITHOUT ``SO_REUSEADDR`` (``SO_EXCLUSIVEADDRUSE`` on Windows, where ``SO_REUSEADDR``
 would steal a bound port), so a port in TIME_WAIT counts as busy. It binds a dual-stack ``[::]``
 socket, which collides with any IPv4 or IPv6 holder, falling back to ``0.0.0.0`` where IPv6 is off,
-and then the configured host when it is not a wildcard (on BSD and macOS a specific and a wildcard
-bind can coexist, so the wildcard alone would miss a holder of the specific address).
+and then, except on Linux, the configured host when it is not a wildcard (on BSD, macOS and
+Windows a specific and a wildcard bind can coexist, so the wildcard alone would miss a holder of the
+specific address; on Linux a wildcard bind without address reuse collides with every holder).
+
+A bind refused for lack of privilege (``EACCES``, ``EPERM``: a port below 1024 for a non-root user,
+a port the OS forbids) is told apart from a busy port: waiting will not make it free.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import socket
+import sys
+
+from ._errors import ConfigError
 
 PROTOCOLS: dict[str, tuple[socket.SocketKind, ...]] = {
     "tcp": (socket.SOCK_STREAM,),
@@ -19,6 +27,9 @@ PROTOCOLS: dict[str, tuple[socket.SocketKind, ...]] = {
 }
 WILDCARDS = ("0.0.0.0", "::")
 _EXCLUSIVE = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)
+#: Bind errors that mean "not allowed", not "in use" (WinError 10013 is EACCES on Windows).
+FORBIDDEN_ERRNOS = frozenset({errno.EACCES, errno.EPERM, 10013})
+FREE, BUSY, FORBIDDEN = 0, 1, 2
 
 #: Where a probe binds: ``(family, address)`` pairs, tried in order.
 Targets = tuple[tuple[socket.AddressFamily, str], ...]
@@ -28,7 +39,7 @@ def socket_kinds(protocol: str) -> tuple[socket.SocketKind, ...]:
     try:
         return PROTOCOLS[protocol]
     except KeyError:
-        raise ValueError(f"protocol must be 'tcp', 'udp' or 'both', not {protocol!r}") from None
+        raise ConfigError(f"protocol must be 'tcp', 'udp' or 'both', not {protocol!r}") from None
 
 
 def family_of(host: str) -> socket.AddressFamily:
@@ -47,20 +58,26 @@ def ipv6_available() -> bool:
     return True
 
 
-def bind_targets(host: str) -> Targets:
-    """The wildcard a probe binds (dual-stack if possible), then ``host`` unless a wildcard."""
+@functools.cache
+def bind_targets(host: str, platform: str = sys.platform) -> Targets:
+    """The wildcard a probe binds (dual-stack if possible), then ``host`` unless a wildcard or on
+    Linux."""
     wildcard = (socket.AF_INET6, "::") if ipv6_available() else (socket.AF_INET, "0.0.0.0")
-    if host in WILDCARDS:
+    if host in WILDCARDS or platform.startswith("linux"):
         return (wildcard,)
     return (wildcard, (family_of(host), host))
 
 
-def _unbound(family: socket.AddressFamily, kind: socket.SocketKind, address: str) -> socket.socket:
+def _unbound(
+    family: socket.AddressFamily, kind: socket.SocketKind, address: str, reuse: bool = False
+) -> socket.socket:
     sock = socket.socket(family, kind)
     try:
         if family == socket.AF_INET6 and address == "::":
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        if _EXCLUSIVE is not None:  # Windows: refuse to share the port with anyone
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        elif _EXCLUSIVE is not None:  # Windows: refuse to share the port with anyone
             sock.setsockopt(socket.SOL_SOCKET, _EXCLUSIVE, 1)
     except BaseException:
         sock.close()
@@ -81,8 +98,9 @@ def bound_socket(
     return sock
 
 
-def is_free(port: int, kinds: tuple[socket.SocketKind, ...], targets: Targets) -> bool:
-    """True when every target binds for every kind; any bind failure (TIME_WAIT too) means busy.
+def probe(port: int, kinds: tuple[socket.SocketKind, ...], targets: Targets) -> int:
+    """``FREE`` when every target binds for every kind; ``FORBIDDEN`` when a bind is refused for
+    lack of privilege; ``BUSY`` for any other bind failure (TIME_WAIT too).
 
     Failing to create a socket at all (no file descriptors left, say) is not a busy port: that
     ``OSError`` propagates.
@@ -92,6 +110,23 @@ def is_free(port: int, kinds: tuple[socket.SocketKind, ...], targets: Targets) -
             with _unbound(family, kind, address) as sock:
                 try:
                     sock.bind((address, port))
-                except OSError:
-                    return False
+                except OSError as error:
+                    return FORBIDDEN if error.errno in FORBIDDEN_ERRNOS else BUSY
+    return FREE
+
+
+def is_free(port: int, kinds: tuple[socket.SocketKind, ...], targets: Targets) -> bool:
+    return probe(port, kinds, targets) == FREE
+
+
+def binds_with_reuse(port: int, targets: Targets) -> bool:
+    """Whether a TCP socket with ``SO_REUSEADDR`` binds ``port`` on every target: it does, on
+    Linux, when every socket on the port is one that set ``SO_REUSEADDR`` and is not listening
+    (the connections and TIME_WAIT left by a server that set it, as servers do)."""
+    for family, address in targets:
+        with _unbound(family, socket.SOCK_STREAM, address, reuse=True) as sock:
+            try:
+                sock.bind((address, port))
+            except OSError:
+                return False
     return True

@@ -9,19 +9,18 @@ value wins.
 
 from __future__ import annotations
 
-import getpass
+import errno
 import ipaddress
 import math
 import os
 import re
 import socket
-import stat
-import tempfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import NamedTuple
 
 from ._errors import ConfigError
+from ._lockdir import default_lock_dir
+from ._probe import FORBIDDEN_ERRNOS
 from ._ranges import (
     PortRange,
     Spans,
@@ -48,12 +47,15 @@ Layer = Mapping[str, Raw]
 
 
 class Settings(NamedTuple):
-    """Everything a lease needs, resolved and checked."""
+    """Everything a lease needs, resolved and checked; reading them does no file-system work."""
 
     ports: PortRange
-    lock_dir: Path
+    #: Absolute, not yet created or checked: that happens on the first lease.
+    lock_dir: str
     host: str
     timeout: float
+    #: Whether the lock dir was given (kept as it is) or is the default (kept private).
+    lock_dir_given: bool = False
 
 
 #: While a pytest session is configured in this process, its layers (command line, environment,
@@ -73,10 +75,9 @@ def pop_session_layers(outer: tuple[Layer, ...] | None) -> None:
     _session_layers = outer
 
 
-def default_layers() -> tuple[Layer, ...]:
-    """The settings code outside fixtures gets by default: the running pytest session's, or the
-    ``PYTEST_EPHEMERAL_*`` environment variables."""
-    return _session_layers or (env_layer(os.environ),)
+def session_layers() -> tuple[Layer, ...] | None:
+    """The running pytest session's layers, if a session is configured in this process."""
+    return _session_layers
 
 
 def env_var(name: str) -> str:
@@ -111,6 +112,8 @@ def resolve(*layers: Layer) -> Settings:
         if exclude:
             origin += f", minus excluded {format_spans(exclude)}"
         ports = PortRange(subtract(spans, exclude), origin)
+        if ports.spans:
+            _check_bindable(ports, range_raw)
     if not ports.spans:
         excluded_by = (
             f"{format_spans(exclude)} from {exclude_raw.origin}" if exclude_raw else "none"
@@ -118,11 +121,13 @@ def resolve(*layers: Layer) -> Settings:
         raise ConfigError(
             f"no port left to lease: {before} minus the exclusions ({excluded_by}) is empty"
         )
+    lock_dir, given = _lock_dir(pick("lock_dir"))
     return Settings(
         ports=ports,
-        lock_dir=_lock_dir(pick("lock_dir")),
+        lock_dir=lock_dir,
         host=_host(pick("host")),
         timeout=_timeout(pick("timeout")),
+        lock_dir_given=given,
     )
 
 
@@ -146,6 +151,28 @@ def _parse_low_high(text: str) -> Spans:
     if not re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", text):
         raise ValueError(f"{text!r} is not LOW-HIGH")
     return parse_spans(text)
+
+
+def _check_bindable(ports: PortRange, raw: Raw) -> None:
+    """Refuse an explicit range this process may not bind at all (ports below 1024 for a non-root
+    user, say): found now, it is one clear error instead of every lease failing."""
+    numbers = ports.ports
+    samples = sorted({numbers[0], numbers[len(numbers) // 2], numbers[-1]})
+    causes = []
+    for port in samples:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind(("0.0.0.0", port))
+        except OSError as error:
+            if error.errno not in FORBIDDEN_ERRNOS:
+                return  # in use, or some other trouble: not a question of privilege
+            causes.append(error.strerror or errno.errorcode.get(error.errno or 0, "refused"))
+        else:
+            return
+    hint = " (ports below 1024 need root)" if numbers[-1] < 1024 else ""
+    raise ConfigError(
+        f"bad value {_describe(raw)}: this process may not bind ports in it: {causes[0]}{hint}"
+    )
 
 
 def _timeout(raw: Raw | None) -> float:
@@ -185,50 +212,14 @@ def _host(raw: Raw | None) -> str:
 # --- The lock directory ---------------------------------------------------------------------
 
 
-def default_lock_dir() -> Path:
-    """``<temp dir>/pytest-ephemeral-of-<user>``, the temp dir taken the way pytest takes it."""
-    root = Path(os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir()).resolve()
-    try:
-        user = getpass.getuser()
-    except (ImportError, OSError, KeyError):
-        user = "unknown"
-    return root / f"pytest-ephemeral-of-{re.sub(r'[^A-Za-z0-9_.-]', '_', user)}"
-
-
-def _lock_dir(raw: Raw | None) -> Path:
-    """Create (mode 0o700) and vet the lock directory; refuse one another user could tamper with."""
-    explicit = raw is not None
+def _lock_dir(raw: Raw | None) -> tuple[str, bool]:
+    """The lock dir as an absolute path, and whether it was given; nothing is created here (the
+    allocator prepares it on the first lease, so a bad lock dir fails leases, not the run)."""
     if raw is None:
-        path = default_lock_dir()
-    elif isinstance(raw.value, (str, os.PathLike)):
-        path = Path(os.path.abspath(os.fspath(raw.value)))
-    else:
+        return default_lock_dir(), False
+    if not isinstance(raw.value, (str, os.PathLike)):
         raise ConfigError(f"bad value {_describe(raw)}: not a path")
-    what = f"lock dir {str(path)!r}" + (f" from {raw.origin}" if raw else "")
-    fix = "Fix this and try again, or choose another one with --ephemeral-lock-dir."
-    try:
-        path.mkdir(mode=0o700, parents=explicit, exist_ok=True)
-    except FileExistsError:
-        pass  # something that is not a directory: the checks below say what
-    except OSError as error:
-        raise ConfigError(f"cannot create {what}: {error.strerror or error}") from None
-    # lstat, not stat: following a symlink planted by someone else is the attack refused here.
-    info = path.lstat()
-    if stat.S_ISLNK(info.st_mode):
-        raise ConfigError(f"{what} is a symbolic link. {fix}")
-    if not stat.S_ISDIR(info.st_mode):
-        raise ConfigError(f"{what} is not a directory. {fix}")
-    if hasattr(os, "getuid"):
-        # Another user who owns the directory could swap our lock files under us.
-        if info.st_uid != os.getuid():
-            raise ConfigError(f"{what} is not owned by the current user. {fix}")
-        # Our own default directory stays private; an explicit one may be shared on purpose.
-        if not explicit and info.st_mode & 0o077:
-            os.chmod(path, 0o700)
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as error:
-        raise ConfigError(f"cannot write to {what}: {error.strerror or error}") from None
-    return path.resolve()  # one spelling per directory: runs and allocators compare it
+    text = os.fspath(raw.value)
+    if not str(text).strip():
+        raise ConfigError(f"bad value {_describe(raw)}: empty (leave it out for the default)")
+    return os.path.abspath(text), True

@@ -1,8 +1,10 @@
-"""The pytest plugin: options, fixtures (``free_port``, ``free_socket``, ``port_factory``), header.
+"""The pytest plugin: options, fixtures, hooks; a thin layer over the leasing core.
 
-A thin layer over the leasing core: settings are resolved once in ``pytest_configure`` and kept in
-``config.stash``; the allocator (and ``filelock`` with it) is created on the first lease, so a
-suite that leases no port does not pay for it.
+Shaped like pytest's ``tmp_path``: ``pytest_configure`` only reads the settings (no I/O) into the
+session's ``PortFactory``, which ``port_factory`` returns; ``free_ports``, ``free_port`` and
+``free_socket`` ask it for leases that end with their test. The lock dir is prepared, and
+``filelock`` imported, on the first lease, so a suite that leases no port pays for neither, and a
+broken lock dir fails the tests that lease, not the run.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import threading
 import warnings
 from collections.abc import Generator, Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, Literal, final
 from uuid import uuid4
 
 import pytest
 
-from ._errors import ConfigError
+from ._errors import ConfigError, EphemeralError, LockDirError
 from ._holder import Holder, this_process
 from ._settings import (
     NAMES,
@@ -33,15 +35,19 @@ from ._settings import (
 )
 
 if TYPE_CHECKING:
-    from ._allocator import PortAllocator
+    from ._allocator import PortAllocator, Stats
+
+Protocol = Literal["tcp", "udp", "both"]
+SocketProtocol = Literal["tcp", "udp"]
 
 _HELP = {
     "port_range": "Ports to lease from: LOW-HIGH, or auto (the part of 49152-65535 the OS never"
     " auto-assigns). Default: auto",
     "exclude": "Ports never to lease: a comma list of ports and LOW-HIGH ranges",
     "lock_dir": "Directory of the per-port lock files shared by all runs that must not clash."
-    " Default: <temp dir>/pytest-ephemeral-of-<user>",
-    "host": "Local address leased ports are bind-checked on. Default: 127.0.0.1",
+    " Default: /dev/shm/pytest-ephemeral-<uid> (or /tmp/...)",
+    "host": "Local address leased ports are bind-checked on, and free_socket binds to."
+    " Default: 127.0.0.1",
     "timeout": "Seconds to wait for a port while other runs hold them all. Default: 10",
 }
 _METAVAR = {
@@ -51,6 +57,11 @@ _METAVAR = {
     "host": "ADDRESS",
     "timeout": "SECONDS",
 }
+_ADVICE = (
+    "Widen the range (--ephemeral-port-range), lower -n, release ports sooner, or look for"
+    " leaked leases with `pytest-ephemeral status`."
+)
+_LOCK_DIR_ADVICE = "Fix this and try again, or choose another lock dir with --ephemeral-lock-dir."
 
 
 def _option(name: str) -> str:
@@ -76,16 +87,126 @@ class EphemeralPortWarning(pytest.PytestWarning):
     __module__ = "pytest_ephemeral"
 
 
-class _State:
-    """What the plugin keeps per process: the settings, and the allocator once a port is leased."""
+class _Origin:
+    """Who asked for a lease: the test running then, and the fixture being set up, if any."""
 
-    def __init__(self, settings: Settings, holder: Holder) -> None:
+    __slots__ = ("fixture", "item")
+
+    def __init__(self, item: pytest.Item | None, fixture: pytest.FixtureDef[Any] | None) -> None:
+        self.item = item
+        self.fixture = fixture
+
+    @property
+    def nodeid(self) -> str | None:
+        return self.item.nodeid if self.item is not None else None
+
+    def describe(self) -> str:
+        if self.fixture is not None:
+            return f"fixture {self.fixture.argname!r} (set up for {self.nodeid or 'the session'})"
+        return self.nodeid or "the session"
+
+    def location(self) -> tuple[str, int]:
+        """File and line the warning points at: the fixture's function, else the test's."""
+        if self.fixture is not None:
+            code = getattr(self.fixture.func, "__code__", None)
+            if code is not None:
+                return code.co_filename, code.co_firstlineno
+        if self.item is not None:
+            path, line, _ = self.item.location
+            return str(self.item.config.rootpath / path), (line or 0) + 1
+        return __file__, 1
+
+
+@final
+class PortFactory:
+    """Leases ports, consecutive blocks and bound sockets, over TCP, UDP or both.
+
+    ``port_factory`` returns the session's: its leases last until ``release(port)`` or the end of
+    the session. ``free_ports`` returns one per test: its leases end at the test's teardown. Either
+    way a lease that ends while its port is still in use emits ``EphemeralPortWarning``.
+    """
+
+    __module__ = "pytest_ephemeral"
+
+    def __init__(self, session: _Session, owner: pytest.Item | None = None) -> None:
+        self._session = session
+        self._owner = owner  # the test whose teardown ends these leases; None: the session
+        self._mine: dict[int, _Origin] = {}
+        self._sockets: dict[int, socket.socket] = {}
+        self._mutex = threading.Lock()
+
+    def __call__(self, *, protocol: Protocol = "tcp") -> int:
+        """Lease one port, bind-checked for ``protocol``: "tcp", "udp" or "both"."""
+        return self.block(1, protocol=protocol)[0]
+
+    def block(self, n: int, *, protocol: Protocol = "tcp") -> list[int]:
+        """Lease ``n`` consecutive ports, bind-checked for ``protocol``."""
+        origin = self._session.origin(self._owner)
+        ports = self._session.lease(n, protocol, origin.nodeid)
+        with self._mutex:
+            self._mine.update(dict.fromkeys(ports, origin))
+        return ports
+
+    def socket(self, *, protocol: SocketProtocol = "tcp", host: str | None = None) -> socket.socket:
+        """A socket already bound to a newly leased port on ``host`` (default: the configured host).
+
+        ``protocol`` is "tcp" (not yet listening) or "udp". The socket is closed, and the lease
+        ended, by ``release(port)`` or when the factory's leases end.
+        """
+        if protocol not in ("tcp", "udp"):
+            raise ConfigError(f"a socket's protocol must be 'tcp' or 'udp', not {protocol!r}")
+        origin = self._session.origin(self._owner)
+        sock = self._session.leased_socket(protocol, host or self._session.settings.host, origin)
+        port = sock.getsockname()[1]
+        with self._mutex:
+            self._mine[port] = origin
+            self._sockets[port] = sock
+        return sock
+
+    def release(self, port: int) -> None:
+        """End the lease of one port early; ``ValueError`` if this factory does not hold it."""
+        warning = self._end(port)
+        if warning is not None:
+            warnings.warn(warning, stacklevel=2)
+
+    def _end(self, port: int) -> EphemeralPortWarning | None:
+        with self._mutex:
+            origin = self._mine.pop(port, None)
+            sock = self._sockets.pop(port, None)
+        if origin is None:
+            if port in self._session.ended:
+                raise ValueError(f"port {port} was already released")
+            raise ValueError(f"port {port} is not leased by this factory")
+        if sock is not None:
+            sock.close()
+        return self._session.end_lease(port, origin)
+
+    def _end_all(self) -> list[tuple[_Origin, EphemeralPortWarning]]:
+        """End every lease still held; the leaks found, with who leased each."""
+        leaks = []
+        with self._mutex:
+            ports = sorted(self._mine)
+        for port in ports:
+            origin = self._mine[port]
+            warning = self._end(port)
+            if warning is not None:
+                leaks.append((origin, warning))
+        return leaks
+
+
+class _Session:
+    """What the session's factories share: settings, who holds leases, figures, the allocator."""
+
+    def __init__(self, config: pytest.Config, settings: Settings, holder: Holder) -> None:
+        self.config = config
         self.settings = settings
         self.holder = holder
-        self.nodeid: str | None = None  # the test running now, for holder records
+        self.item: pytest.Item | None = None  # the test running now
+        self.fixtures: list[pytest.FixtureDef[Any]] = []  # the fixtures being set up now
         self.leaks = 0
-        self.outer_layers: tuple[Layer, ...] | None = None  # an enclosing session's, to restore
+        self.ended: set[int] = set()  # released ports, to say "already released"
         self.totals: dict[str, float] = {}  # figures from xdist workers, for the summary
+        self._stats: Stats | None = None
         self._allocator: PortAllocator | None = None
         self._creating = threading.Lock()
 
@@ -94,12 +215,34 @@ class _State:
         if self._allocator is None:
             with self._creating:
                 if self._allocator is None:
-                    from ._allocator import PortAllocator  # imports filelock: on the first lease
+                    from ._allocator import Stats, allocator_for  # imports filelock: first lease
 
-                    self._allocator = PortAllocator(self.settings, self.holder)
+                    self._stats = Stats()
+                    self._allocator = allocator_for(
+                        self.settings.lock_dir, self.settings.lock_dir_given
+                    )
         return self._allocator
 
-    def leased_socket(self, protocol: str, host: str, nodeid: str | None) -> socket.socket:
+    def origin(self, owner: pytest.Item | None) -> _Origin:
+        if owner is not None:
+            return _Origin(owner, None)
+        return _Origin(self.item, self.fixtures[-1] if self.fixtures else None)
+
+    def lease(self, n: int, protocol: Protocol, nodeid: str | None) -> list[int]:
+        allocator = self.allocator
+        try:
+            ports = allocator.lease_block(
+                n, self.settings, protocol, nodeid, self.holder, self._stats
+            )
+        except EphemeralError as error:
+            error.advice = error.advice or (
+                _LOCK_DIR_ADVICE if isinstance(error, LockDirError) else _ADVICE
+            )
+            raise
+        self.ended.difference_update(ports)
+        return ports
+
+    def leased_socket(self, protocol: SocketProtocol, host: str, origin: _Origin) -> socket.socket:
         """A socket bound to a newly leased port. A program that ignores the locks could bind the
         port between the probe and this bind: then the lease goes back and the next port is tried.
         """
@@ -107,7 +250,7 @@ class _State:
 
         kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
         for attempt in range(1, 4):
-            port = self.allocator.lease(protocol, nodeid)
+            port = self.lease(1, protocol, origin.nodeid)[0]
             try:
                 return bound_socket(family_of(host), kind, host, port)
             except BaseException as error:
@@ -116,30 +259,49 @@ class _State:
                     raise
         raise AssertionError("unreachable")
 
-    def end_lease(self, port: int) -> EphemeralPortWarning | None:
+    def end_lease(self, port: int, origin: _Origin) -> EphemeralPortWarning | None:
         """Release ``port``; if the test left something using it, return the warning to emit.
 
         Checked while the lease is still held, so whatever uses the port is the test's own, and
         released whatever happens, so a warning made an error (-W error) cannot keep the lease.
         """
-        from ._sockstate import still_in_use  # loaded with the first lease, like the allocator
+        from ._leakcheck import still_in_use  # loaded with the first lease, like the allocator
+        from ._probe import bind_targets
 
         lease = self.allocator.lease_of(port)
         try:
-            use = still_in_use(port, self.settings.host, self.allocator.targets, lease.kinds)
+            use = still_in_use(
+                port, self.settings.host, bind_targets(self.settings.host), lease.kinds
+            )
         finally:
             self.allocator.release(port)
+            self.ended.add(port)
         if use is None:
             return None
         self.leaks += 1
         return EphemeralPortWarning(
-            f"port {port}, leased by {lease.nodeid or 'the session'}, is still {use} after its"
-            " lease ended: stop the server and close its sockets before the test ends"
+            f"port {port}, leased by {origin.describe()}, is still {use} after its lease ended:"
+            " stop the server and close its sockets before the test ends"
         )
+
+    def report_late(self, leaks: list[tuple[_Origin, EphemeralPortWarning]]) -> None:
+        """Leaks found at the end of the session, reported under the test or fixture that leased
+        the port (not the last test to run, which did nothing wrong, and which they cannot fail)."""
+        for origin, warning in leaks:
+            filename, line = origin.location()
+            message = warnings.WarningMessage(warning, type(warning), filename, line)
+            self.config.hook.pytest_warning_recorded.call_historic(
+                kwargs={
+                    "warning_message": message,
+                    "when": "runtest",
+                    "nodeid": origin.nodeid or "",
+                    "location": (filename, line, origin.describe()),
+                }
+            )
 
     def figures(self) -> dict[str, float]:
         """This process's figures for the run summary (all zero if it leased nothing)."""
-        stats = asdict(self._allocator.stats) if self._allocator else {}
+        stats = asdict(self._stats) if self._stats else {}
         return {**stats, "leaks": self.leaks}
 
     def add_figures(self, figures: dict[str, float]) -> None:
@@ -147,12 +309,9 @@ class _State:
             old = self.totals.get(key, 0)
             self.totals[key] = max(old, value) if key == "peak" else old + value
 
-    def close(self) -> None:
-        if self._allocator is not None:
-            self._allocator.release_all()
 
-
-_STATE = pytest.StashKey[_State]()
+_FACTORY = pytest.StashKey[PortFactory]()
+_OUTER_LAYERS = pytest.StashKey["tuple[Layer, ...] | None"]()
 
 
 def _cli_layer(config: pytest.Config) -> Layer:
@@ -191,152 +350,126 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(error)) from None
     workerinput = getattr(config, "workerinput", None) or {}
     holder = this_process(workerinput.get("workerid"), workerinput.get("testrunuid") or uuid4().hex)
-    state = _State(settings, holder)
-    state.outer_layers = push_session_layers(layers)  # lease_port() in this session uses them
-    config.stash[_STATE] = state
+    config.stash[_FACTORY] = PortFactory(_Session(config, settings, holder))
+    config.stash[_OUTER_LAYERS] = push_session_layers(layers)  # lease_port() here uses them
+
+
+def _session_of(config: pytest.Config) -> _Session:
+    return config.stash[_FACTORY]._session
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: hand the figures to the controller
-        workeroutput["ephemeral"] = session.config.stash[_STATE].figures()
+        workeroutput["ephemeral"] = _session_of(session.config).figures()
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: object) -> None:
     figures = getattr(node, "workeroutput", {}).get("ephemeral")
     if figures:  # a crashed worker has no workeroutput: its figures are lost, not the summary
-        node.config.stash[_STATE].add_figures(figures)
+        _session_of(node.config).add_figures(figures)
 
 
 def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, config: pytest.Config
 ) -> None:
-    state = config.stash[_STATE]
+    state = _session_of(config)
     state.add_figures(state.figures())
     totals = state.totals
     if config.get_verbosity() < 1 and not totals.get("waited") and not totals.get("leaks"):
         return
+    workers = config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None)
+    others = "other processes" if workers else "other runs"
+    leaks = totals.get("leaks", 0)
     terminalreporter.write_line(
         f"ephemeral ports: {totals.get('leased', 0):.0f} leased,"
         f" at most {totals.get('peak', 0):.0f} held at once by one process;"
         f" skipped {totals.get('skipped_bound', 0):.0f} bound by other programs or in TIME_WAIT and"
-        f" {totals.get('skipped_locked', 0):.0f} locked by other runs;"
-        f" waited {totals.get('waited', 0):.2f} s; {totals.get('leaks', 0):.0f} leak warnings"
+        f" {totals.get('skipped_locked', 0):.0f} locked by {others};"
+        f" waited {totals.get('waited', 0):.2f} s; {leaks:.0f} leak warning{'s' * (leaks != 1)}"
     )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    state = config.stash.get(_STATE, None)
-    if state is not None:
-        pop_session_layers(state.outer_layers)
-        state.close()
+    if _FACTORY in config.stash:
+        pop_session_layers(config.stash[_OUTER_LAYERS])
+        config.stash[_FACTORY]._end_all()  # leases of a session cut short before its teardown
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    settings = config.stash[_STATE].settings
+    settings = _session_of(config).settings
     ports = settings.ports
     how = ports.origin + (f"; {ports.caveat}" if ports.caveat else "")
-    return f"ephemeral ports: {ports} ({ports.size}; {how}), lock dir: {settings.lock_dir}"
+    return (
+        f"ephemeral ports: {ports} ({ports.size}; {how}), lock dir: {settings.lock_dir},"
+        f" timeout: {settings.timeout:g} s"
+    )
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
-    state = item.config.stash[_STATE]
-    state.nodeid = item.nodeid
+    state = _session_of(item.config)
+    state.item = item
     try:
         return (yield)
     finally:
-        state.nodeid = None
+        state.item = None
 
 
-@final
-class PortFactory:
-    """Leases ports until released or the session ends; the ``port_factory`` fixture returns one."""
-
-    def __init__(self, state: _State) -> None:
-        self._state = state
-        self._mine: set[int] = set()
-        self._sockets: dict[int, socket.socket] = {}
-
-    def __call__(self, *, protocol: str = "tcp") -> int:
-        """Lease one port, bind-checked for ``protocol``: "tcp", "udp" or "both"."""
-        return self.block(1, protocol=protocol)[0]
-
-    def block(self, n: int, *, protocol: str = "tcp") -> list[int]:
-        """Lease ``n`` consecutive ports."""
-        ports = self._state.allocator.lease_block(n, protocol, self._state.nodeid)
-        self._mine.update(ports)
-        return ports
-
-    def socket(self, *, protocol: str = "tcp", host: str | None = None) -> socket.socket:
-        """A socket already bound to a newly leased port on ``host`` (default: the configured host).
-
-        ``protocol`` is "tcp" (not yet listening) or "udp". The socket is closed, and the lease
-        ended, by ``release(port)`` or at the end of the session.
-        """
-        if protocol not in ("tcp", "udp"):
-            raise ValueError(f"protocol must be 'tcp' or 'udp', not {protocol!r}")
-        host = host or self._state.settings.host
-        sock = self._state.leased_socket(protocol, host, self._state.nodeid)
-        port = sock.getsockname()[1]
-        self._mine.add(port)
-        self._sockets[port] = sock
-        return sock
-
-    def release(self, port: int) -> None:
-        """End the lease of one port early; ``ValueError`` if this factory does not hold it."""
-        if port not in self._mine:
-            raise ValueError(f"port {port} is not leased by this port_factory")
-        self._mine.remove(port)
-        sock = self._sockets.pop(port, None)
-        if sock is not None:
-            sock.close()
-        warning = self._state.end_lease(port)
-        if warning is not None:
-            warnings.warn(warning, stacklevel=2)
-
-    def _release_all(self) -> None:
-        for port in sorted(self._mine):
-            self.release(port)
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> Generator[None, object, object]:
+    fixtures = _session_of(request.config).fixtures
+    fixtures.append(fixturedef)
+    try:
+        return (yield)
+    finally:
+        fixtures.pop()
 
 
 @pytest.fixture(scope="session")
 def port_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
-    """Session-scoped factory of leased ports, safe across xdist workers and concurrent runs.
+    """Session-scoped factory of leased ports, safe across xdist workers and concurrent runs:
+    ``port_factory(protocol="tcp")`` leases one port ("tcp", "udp" or "both"), ``.block(n)`` n
+    consecutive ports, ``.socket(protocol="tcp")`` a socket bound to a leased port, and
+    ``.release(port)`` ends a lease early.
 
-    ``port_factory(protocol="tcp")`` leases one port ("tcp", "udp" or "both"),
-    ``port_factory.block(n)`` leases n consecutive ports, ``port_factory.release(port)`` ends a
-    lease early. Every other lease ends when the session ends.
+    Every other lease ends when the session ends; a port still in use then is reported under the
+    test or fixture that leased it.
     """
-    factory = PortFactory(request.config.stash[_STATE])
+    factory = request.config.stash[_FACTORY]
     yield factory
-    factory._release_all()
+    factory._session.report_late(factory._end_all())
 
 
 @pytest.fixture
-def free_port(request: pytest.FixtureRequest) -> Iterator[int]:
+def free_ports(request: pytest.FixtureRequest, port_factory: PortFactory) -> Iterator[PortFactory]:
+    """Factory of ports leased for this test alone: ``free_ports(protocol="tcp")`` leases one port
+    ("tcp", "udp" or "both"), ``.block(n)`` n consecutive ports, ``.socket(protocol="tcp")`` a
+    socket bound to a leased port, and ``.release(port)`` ends a lease early.
+
+    Every other lease ends at the test's teardown, after the fixtures that use it, with the same
+    leak check as ``free_port``.
+    """
+    factory = PortFactory(port_factory._session, request.node)
+    yield factory
+    for _, warning in factory._end_all():
+        request.node.warn(warning)  # located at the test, shown under its node id
+
+
+@pytest.fixture
+def free_port(free_ports: PortFactory) -> int:
     """A TCP port leased for this test alone: free now, and held from other tests and pytest runs
     until this test's teardown, after the fixtures that use it."""
-    state = request.config.stash[_STATE]
-    port = state.allocator.lease("tcp", request.node.nodeid)
-    yield port
-    _warn(request, state.end_lease(port))
+    return free_ports()
 
 
 @pytest.fixture
-def free_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
+def free_socket(free_ports: PortFactory) -> socket.socket:
     """A TCP socket already bound to a port leased for this test, on the configured host, not yet
     listening: hand it to a server (asyncio ``start_server(sock=...)``, ``socketserver``, uvicorn
     ``fd=``) and no other program can take the port in between. Closed, and the lease ended, at
     teardown; closing it earlier does not end the lease."""
-    state = request.config.stash[_STATE]
-    with state.leased_socket("tcp", state.settings.host, request.node.nodeid) as sock:
-        port = sock.getsockname()[1]
-        yield sock
-    _warn(request, state.end_lease(port))
-
-
-def _warn(request: pytest.FixtureRequest, warning: EphemeralPortWarning | None) -> None:
-    if warning is not None:
-        request.node.warn(warning)  # located at the test, shown under its node id
+    return free_ports.socket()

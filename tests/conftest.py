@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ephemeral._allocator import PortAllocator
-from pytest_ephemeral._settings import Raw, default_lock_dir, resolve
+from pytest_ephemeral._lockdir import default_lock_dir
+from pytest_ephemeral._settings import Raw, resolve
+
+from .helpers import Leaser
 
 INNER_RANGE = "61000-64999"
 PRIVATE_BAND = "65000-65535"
@@ -38,7 +40,7 @@ def _inner_runs_share_a_band() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def band_allocator() -> Iterator[PortAllocator]:
+def band_allocator() -> Iterator[Leaser]:
     origin = "tests/conftest.py"
     settings = resolve(
         {
@@ -47,7 +49,7 @@ def band_allocator() -> Iterator[PortAllocator]:
             "timeout": Raw(60, origin),
         }
     )
-    allocator = PortAllocator(settings)
+    allocator = Leaser(settings)
     yield allocator
     allocator.release_all()
 
@@ -74,7 +76,7 @@ MakeRange = Callable[[int], PrivateRange]
 
 
 @pytest.fixture
-def private_range(band_allocator: PortAllocator, tmp_path: Path) -> Iterator[MakeRange]:
+def private_range(band_allocator: Leaser, tmp_path: Path) -> Iterator[MakeRange]:
     taken: list[int] = []
 
     def make(n: int) -> PrivateRange:
@@ -91,12 +93,11 @@ def private_range(band_allocator: PortAllocator, tmp_path: Path) -> Iterator[Mak
 
 HOLDER_SCRIPT = """
 import sys
-from pytest_ephemeral._allocator import PortAllocator
+from pytest_ephemeral._allocator import allocator_for
 from pytest_ephemeral._settings import Raw, resolve
 
 settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
-allocator = PortAllocator(settings)
-ports = allocator.lease_block(len(settings.ports))
+ports = allocator_for(settings.lock_dir).lease_block(len(settings.ports), settings)
 print(" ".join(map(str, ports)), flush=True)
 sys.stdin.read()  # hold the leases until killed
 """

@@ -27,17 +27,18 @@ TIMEOUT = 240.0
 #: of JSON: how many binds failed with EADDRINUSE, and each lease as (port, start, end).
 ROUNDS_SCRIPT = """
 import errno, json, socket, sys, time
-from pytest_ephemeral._allocator import PortAllocator
+from pytest_ephemeral._allocator import allocator_for
 from pytest_ephemeral._settings import Raw, resolve
 
 spec, lock_dir, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 layer = {"port_range": spec, "lock_dir": lock_dir, "timeout": 60}
-allocator = PortAllocator(resolve({k: Raw(v, "argv") for k, v in layer.items()}))
+settings = resolve({k: Raw(v, "argv") for k, v in layer.items()})
+allocator = allocator_for(settings.lock_dir)
 print("ready", flush=True)
 sys.stdin.readline()
 in_use, leases = 0, []
 for _ in range(rounds):
-    port = allocator.lease()
+    port = allocator.lease(settings)
     start = time.monotonic()
     listener = socket.socket()
     try:

@@ -1,0 +1,160 @@
+"""The lock directory: where it is by default, and making it safe to use, on the first lease.
+
+Rule: a lock dir is used only once it is proven ours and private enough that nobody else can
+swap, plant or delete lock files in it. Preparing it is I/O, so it happens on the first lease of
+each process, never when settings are read: a run that leases no port cannot be failed by it.
+
+The default is one directory per OS user per machine, whatever the environment says (``TMPDIR``,
+``USER`` and ``LOGNAME`` differ between processes of one user; ports are machine-wide): on Linux
+``/dev/shm/pytest-ephemeral-<uid>`` (tmpfs: creating a lock file there costs a third of what it
+costs on a disk), or ``/tmp/pytest-ephemeral-<uid>`` where ``/dev/shm`` is missing or small; on
+Windows ``%LOCALAPPDATA%\\pytest-ephemeral\\locks``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+from typing import NamedTuple
+
+from ._errors import LockDirError
+
+#: Below this size a tmpfs ``/dev/shm`` is not used: Docker gives containers 64 MiB by default,
+#: and every lock file with a record in it takes a page there.
+_MIN_SHM_BYTES = 256 * 2**20
+_DIR_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_DIRECTORY", 0)
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+#: Whether lock files can be opened relative to a descriptor of the directory (not on Windows).
+DIR_FD_SUPPORTED = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")
+
+
+def default_lock_dir(platform: str = sys.platform) -> str:
+    """The lock dir of this OS user on this machine; see the module docstring."""
+    if platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(
+            os.path.expanduser("~"), "AppData", "Local"
+        )
+        return os.path.join(base, "pytest-ephemeral", "locks")
+    name = f"pytest-ephemeral-{os.geteuid()}"
+    if platform.startswith("linux") and _roomy_tmpfs("/dev/shm"):
+        return f"/dev/shm/{name}"
+    return f"/tmp/{name}"
+
+
+def _roomy_tmpfs(path: str) -> bool:
+    try:
+        info = os.statvfs(path)
+    except OSError:
+        return False
+    return os.path.isdir(path) and info.f_blocks * info.f_frsize >= _MIN_SHM_BYTES
+
+
+class Prepared(NamedTuple):
+    """A lock dir proven safe: a descriptor of it (-1 where the OS has none) and its identity."""
+
+    fd: int
+    device: int
+    inode: int
+
+
+def identity(path: str) -> tuple[int, int] | None:
+    """``(device, inode)`` of ``path`` itself (not a symlink's target); None if it is gone."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def prepare(path: str, explicit: bool) -> Prepared:
+    """Create ``path`` if needed (mode 0o700) and prove it safe; ``LockDirError`` says why not.
+
+    Refused: a symlink (whoever planted it chooses where our files go), anything but a directory,
+    a directory of another user (who could swap our lock files), an explicit directory that others
+    may write into without the sticky bit (any of them could delete a held lock file, and the next
+    opener would lock a fresh one: a port given twice), and one we cannot create files in.
+    The default directory is made private (group and other bits stripped); an explicit one that
+    we own keeps its permissions, so it can be shared on purpose.
+    """
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        pass  # maybe not a directory: said below
+    except OSError as error:
+        raise LockDirError(path, f"cannot be created: {_cause(error)}") from None
+    info = os.lstat(path)  # lstat, not stat: following a planted symlink is the attack refused
+    if stat.S_ISLNK(info.st_mode):
+        raise LockDirError(path, "is a symbolic link")
+    if not stat.S_ISDIR(info.st_mode):
+        raise LockDirError(path, "is not a directory")
+    fd = -1
+    if DIR_FD_SUPPORTED:
+        try:
+            fd = os.open(path, _DIR_FLAGS)
+        except OSError as error:  # swapped for a symlink or a file since the lstat
+            raise LockDirError(path, f"cannot be opened: {_cause(error)}") from None
+        info = os.fstat(fd)  # from here on, checks concern the directory we hold open
+    try:
+        _vet(path, info, fd, explicit)
+        _check_writable(path, fd)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    return Prepared(fd, info.st_dev, info.st_ino)
+
+
+def _vet(path: str, info: os.stat_result, fd: int, explicit: bool) -> None:
+    if not stat.S_ISDIR(info.st_mode):
+        raise LockDirError(path, "is not a directory")
+    if not hasattr(os, "geteuid"):
+        return  # Windows: the directory lives in the user's own profile
+    if info.st_uid != os.geteuid():
+        raise LockDirError(path, f"is owned by another user (uid {info.st_uid}), not by us")
+    if explicit:
+        if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            raise LockDirError(
+                path,
+                "is writable by other users and has no sticky bit: any of them could delete a"
+                " held lock file and have its port given twice (chmod go-w or chmod +t it)",
+            )
+    elif info.st_mode & 0o077:
+        if fd >= 0:
+            os.fchmod(fd, 0o700)
+        else:
+            os.chmod(path, 0o700)
+
+
+def _check_writable(path: str, fd: int) -> None:
+    """Create, write and remove a file: finds a read-only file system, no space and no inodes."""
+    name = f".write-check-{os.getpid()}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    where = {"dir_fd": fd} if fd >= 0 else {}
+    target = name if fd >= 0 else os.path.join(path, name)
+    try:
+        probe = os.open(target, flags, 0o600, **where)
+        try:
+            os.write(probe, b"\n")
+        finally:
+            os.close(probe)
+        os.unlink(target, **where)
+    except OSError as error:
+        raise LockDirError(path, f"cannot be written to: {_cause(error)}") from None
+
+
+def _cause(error: OSError) -> str:
+    """The reason in words, with what to do for the causes a user can fix."""
+    text = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"{text} (free space or inodes on its file system)"
+    if error.errno == errno.EROFS:
+        return f"{text} (choose a lock dir on a writable file system)"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"{text} (no permission)"
+    return text
