@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,14 @@ ENV_RANGE = "PYTEST_EPHEMERAL_PORT_RANGE"
 #: pytest 9.0 added the native ``[tool.pytest]`` table; pytest 8.4, the declared floor, ignores it.
 NEEDS_NATIVE_TOML = pytest.mark.skipif(
     pytest.version_tuple < (9,), reason="pytest < 9 has no native [tool.pytest] table"
+)
+
+
+#: Windows has no group and other permission bits (chmod sets only read-only) and creating a
+#: symbolic link there needs a privilege or developer mode.
+POSIX_MODES = pytest.mark.skipif(sys.platform == "win32", reason="no POSIX mode bits on Windows")
+POSIX_SYMLINKS = pytest.mark.skipif(
+    sys.platform == "win32", reason="symlinks need a privilege on Windows"
 )
 
 
@@ -139,6 +148,7 @@ def test_native_toml_timeout_must_be_a_number(run: pytest.Pytester) -> None:
 # --- The lock directory ---------------------------------------------------------------------
 
 
+@POSIX_MODES
 def test_default_lock_dir_is_private_and_per_user(
     run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -154,6 +164,7 @@ def test_default_lock_dir_is_private_and_per_user(
     assert (tmp_path / "pytest-ephemeral-of-alice").stat().st_mode & 0o777 == 0o700
 
 
+@POSIX_SYMLINKS
 def test_default_lock_dir_that_is_a_symlink_is_refused(
     run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -168,6 +179,7 @@ def test_default_lock_dir_that_is_a_symlink_is_refused(
     result.stderr.fnmatch_lines(["ERROR: lock dir * is a symbolic link. Fix this and try again*"])
 
 
+@POSIX_SYMLINKS
 def test_explicit_lock_dir_symlink_is_refused(run: pytest.Pytester, tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
@@ -188,6 +200,7 @@ def test_lock_dir_owned_by_another_user_is_refused(run: pytest.Pytester, tmp_pat
     result.stderr.fnmatch_lines(["ERROR: lock dir * is not owned by the current user. Fix this*"])
 
 
+@POSIX_MODES
 def test_explicit_shared_lock_dir_keeps_its_permissions(
     run: pytest.Pytester, tmp_path: Path
 ) -> None:
