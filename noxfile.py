@@ -146,7 +146,9 @@ def summarize(report_path: Path) -> int:
     pythons: set[str] = set()
     print("Test sessions:")
     for entry in sessions:
-        name, result = entry["name"], entry["result"]
+        # "name" is the function's; a parametrized session's own name is its first signature.
+        name = (entry["signatures"] or [entry["name"]])[0]
+        result = entry["result"]
         if not name.startswith(("tests-", "minimums")):
             continue
         marker = RAN_DIR / f"{name}.json"
