@@ -7,6 +7,7 @@ leased port cannot be taken behind our back by the kernel.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -187,16 +188,20 @@ def _run(command: Sequence[str]) -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
-def parse_sysctl_range(output: str) -> Spans | None:
-    """``sysctl -n net.inet.ip.portrange.first net.inet.ip.portrange.last``: two numbers."""
-    numbers = sorted(int(n) for n in re.findall(r"\d+", output))
-    if len(numbers) != 2 or not 1 <= numbers[0] <= numbers[1] <= 65535:
+def parse_sysctl_ranges(output: str) -> Spans | None:
+    """``sysctl -n FIRST LAST [FIRST LAST ...]``: one number a line, taken in pairs.
+
+    ``None`` unless every pair was printed and every number is a port.
+    """
+    numbers = [int(n) for n in re.findall(r"\d+", output)]
+    if not numbers or len(numbers) % 2 or not all(1 <= n <= 65535 for n in numbers):
         return None
-    return ((numbers[0], numbers[1]),)  # BSD counts down when first > last: same ports
+    pairs = zip(numbers[::2], numbers[1::2], strict=True)
+    return normalize((min(pair), max(pair)) for pair in pairs)  # first > last: counts down
 
 
 def parse_netsh_dynamic(output: str) -> Spans | None:
-    """``netsh int ipv4 show dynamicport tcp``: a start port and a number of ports, after colons.
+    """``netsh int ipv4 show dynamicport tcp`` (ipv6, udp alike): a start port and a count.
 
     The labels are translated on non-English Windows, so only the numbers are relied on.
     """
@@ -226,35 +231,72 @@ def _read_linux(proc: Path) -> SystemPorts:
     return SystemPorts(((low, high),), source, reserved=reserved)
 
 
-def _read_bsd(run: Runner) -> SystemPorts:
-    command = ["sysctl", "-n", "net.inet.ip.portrange.first", "net.inet.ip.portrange.last"]
-    spans = parse_sysctl_range(run(command))
-    source = "sysctl net.inet.ip.portrange"
+#: Where ``sysctl`` lives: ``/usr/sbin`` on macOS, ``/sbin`` on the BSDs; often not on PATH.
+_SYSCTL_PATHS = {"darwin": ("/usr/sbin/sysctl", "/sbin/sysctl")}
+_SYSCTL_PATHS_BSD = ("/sbin/sysctl", "/usr/sbin/sysctl")
+
+
+def _sysctls(prefix: str, *names: str) -> tuple[str, tuple[str, ...]]:
+    return f"{prefix}{'/'.join(names)}", tuple(prefix + name for name in names)
+
+
+_PORTRANGE = _sysctls("net.inet.ip.portrange.", "first", "last", "hifirst", "hilast")
+#: For each ``sys.platform`` prefix, a label for messages and the sysctl names of every range the
+#: kernel picks a local port from for a socket that names none, as pairs of first and last port:
+#: the default range and the one a socket gets with ``IP_PORTRANGE_HIGH`` (NetBSD has one for both).
+_SYSCTL_RANGES = {
+    "darwin": _PORTRANGE,
+    "freebsd": _PORTRANGE,
+    "dragonfly": _PORTRANGE,
+    "netbsd": _sysctls("net.inet.ip.", "anonportmin", "anonportmax"),
+    "openbsd": _sysctls("net.inet.ip.", "portfirst", "portlast", "porthifirst", "porthilast"),
+}
+
+
+def sysctl_command(platform: str, exists: Callable[[str], bool] = os.path.exists) -> str:
+    """The first ``sysctl`` of this platform's usual places that exists, else the bare name."""
+    candidates = _SYSCTL_PATHS.get(platform, _SYSCTL_PATHS_BSD)
+    return next((path for path in candidates if exists(path)), "sysctl")
+
+
+def _read_sysctl(run: Runner, sysctl: str, label: str, names: tuple[str, ...]) -> SystemPorts:
+    spans = parse_sysctl_ranges(run([sysctl, "-n", *names]))
+    source = f"sysctl {label}"
     return SystemPorts(spans, source if spans else f"{source} unavailable")
 
 
 def _read_windows(run: Runner) -> SystemPorts:
+    # The bind check binds dual-stack, so what IPv6 hands out or excludes counts as much as IPv4.
     assigned: list[tuple[int, int]] = []
     excluded: list[tuple[int, int]] = []
-    for protocol in ("tcp", "udp"):
-        dynamic = parse_netsh_dynamic(
-            run(["netsh", "int", "ipv4", "show", "dynamicport", protocol])
-        )
-        if dynamic is None:
-            return SystemPorts(None, f"netsh dynamicport {protocol} unavailable")
-        assigned.extend(dynamic)
-        command = ["netsh", "int", "ipv4", "show", "excludedportrange", f"protocol={protocol}"]
-        excluded.extend(parse_netsh_excluded(run(command)))
-    source = "netsh int ipv4 show dynamicport tcp/udp"
+    for family in ("ipv4", "ipv6"):
+        for protocol in ("tcp", "udp"):
+            command = ["netsh", "int", family, "show", "dynamicport", protocol]
+            dynamic = parse_netsh_dynamic(run(command))
+            if dynamic is None:
+                return SystemPorts(None, f"{' '.join(command)} unavailable")
+            assigned.extend(dynamic)
+            command = ["netsh", "int", family, "show", "excludedportrange", f"protocol={protocol}"]
+            excluded.extend(parse_netsh_excluded(run(command)))
+    source = "netsh int ipv4/ipv6 show dynamicport tcp/udp"
     return SystemPorts(normalize(assigned), source, excluded=normalize(excluded))
 
 
-def read_system_ports(platform: str = sys.platform, run: Runner = _run) -> SystemPorts:
-    """Ask this operating system which ports it auto-assigns (``run`` executes a command)."""
+def read_system_ports(
+    platform: str = sys.platform,
+    run: Runner = _run,
+    exists: Callable[[str], bool] = os.path.exists,
+) -> SystemPorts:
+    """Ask this operating system which ports it auto-assigns.
+
+    ``platform`` is a ``sys.platform`` value, ``run`` executes a command and returns its output,
+    ``exists`` tells whether a file exists (to find ``sysctl``).
+    """
     if platform.startswith("linux"):
         return _read_linux(_LINUX_PROC)
     if platform == "win32":
         return _read_windows(run)
-    if platform == "darwin" or "bsd" in platform:
-        return _read_bsd(run)
+    for prefix, (label, names) in _SYSCTL_RANGES.items():
+        if platform.startswith(prefix):
+            return _read_sysctl(run, sysctl_command(prefix, exists), label, names)
     return SystemPorts(None, f"unknown for platform {platform}")

@@ -27,6 +27,9 @@ from pytest_ephemeral._settings import Raw, resolve
 from .conftest import MakeRange, PrivateRange
 from .helpers import Leaser
 
+pytestmark = pytest.mark.skipif(
+    sys.platform == "win32", reason="POSIX lock dir checks: modes, uids, FIFOs, symlinks"
+)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 NEEDS_ROOT = pytest.mark.skipif(not IS_ROOT, reason="needs root (chown, mount, a second user)")
 NOBODY = 65534

@@ -33,9 +33,10 @@ from pytest_ephemeral._ranges import (
     parse_netsh_dynamic,
     parse_netsh_excluded,
     parse_spans,
-    parse_sysctl_range,
+    parse_sysctl_ranges,
     read_system_ports,
     subtract,
+    sysctl_command,
 )
 
 ON_LINUX = sys.platform.startswith("linux")
@@ -54,18 +55,38 @@ def assert_well_formed(spans: Spans) -> None:
 
 # --- Captured output of other operating systems ------------------------------------------------
 
-SYSCTL = ("sysctl", "-n", "net.inet.ip.portrange.first", "net.inet.ip.portrange.last")
-SYSCTL_DEFAULT = "49152\n65535\n"
-SYSCTL_CUSTOM = "10000\n20000\n"
+PORTRANGE = tuple(
+    f"net.inet.ip.portrange.{name}" for name in ("first", "last", "hifirst", "hilast")
+)
+NETBSD_NAMES = ("net.inet.ip.anonportmin", "net.inet.ip.anonportmax")
+OPENBSD_NAMES = tuple(
+    f"net.inet.ip.{name}" for name in ("portfirst", "portlast", "porthifirst", "porthilast")
+)
+#: ``sysctl -n`` of the four portrange names, one value a line: macOS' defaults.
+SYSCTL_MACOS_DEFAULT = "49152\n65535\n49152\n65535\n"
+#: FreeBSD 14's defaults: the default range starts at 10000 (IPPORT_EPHEMERALFIRST).
+SYSCTL_FREEBSD_DEFAULT = "10000\n65535\n49152\n65535\n"
+#: Both ranges moved below 49152 (``sysctl net.inet.ip.portrange.first=10000`` and so on).
+SYSCTL_CUSTOM = "10000\n20000\n20001\n30000\n"
+#: NetBSD's defaults, ``sysctl -n net.inet.ip.anonportmin net.inet.ip.anonportmax``.
+SYSCTL_NETBSD_DEFAULT = "49152\n65535\n"
+#: OpenBSD's defaults: default range 1024-49151, IP_PORTRANGE_HIGH range 49152-65535.
+SYSCTL_OPENBSD_DEFAULT = "1024\n49151\n49152\n65535\n"
 SYSCTL_UNKNOWN_OID = "sysctl: unknown oid 'net.inet.ip.portrange.first'\n"
+#: Where the captured commands' sysctl lives: /usr/sbin on macOS, /sbin on the BSDs.
+SYSCTL_AT = {"/usr/sbin/sysctl", "/sbin/sysctl"}
+MACOS = ("/usr/sbin/sysctl", "-n", *PORTRANGE)
+FREEBSD = ("/sbin/sysctl", "-n", *PORTRANGE)
+NETBSD = ("/sbin/sysctl", "-n", *NETBSD_NAMES)
+OPENBSD = ("/sbin/sysctl", "-n", *OPENBSD_NAMES)
 
 
-def netsh_dynamic(protocol: str) -> tuple[str, ...]:
-    return ("netsh", "int", "ipv4", "show", "dynamicport", protocol)
+def netsh_dynamic(protocol: str, family: str = "ipv4") -> tuple[str, ...]:
+    return ("netsh", "int", family, "show", "dynamicport", protocol)
 
 
-def netsh_excluded(protocol: str) -> tuple[str, ...]:
-    return ("netsh", "int", "ipv4", "show", "excludedportrange", f"protocol={protocol}")
+def netsh_excluded(protocol: str, family: str = "ipv4") -> tuple[str, ...]:
+    return ("netsh", "int", family, "show", "excludedportrange", f"protocol={protocol}")
 
 
 NETSH_DYNAMIC_TCP = """
@@ -132,12 +153,21 @@ Start Port    End Port
 """
 NETSH_NOT_FOUND = "The following command was not found: int ipv4 show dynamicport tcp.\n"
 
+#: ``netsh int ipv6 show excludedportrange protocol=tcp``: Hyper-V reserves for both families.
+NETSH_EXCLUDED_TCP_IPV6 = NETSH_EXCLUDED_TCP.replace("50060       50159", "53000       53049")
+
 WINDOWS_DEFAULT = {
     netsh_dynamic("tcp"): NETSH_DYNAMIC_TCP,
     netsh_dynamic("udp"): NETSH_DYNAMIC_UDP,
     netsh_excluded("tcp"): NETSH_EXCLUDED_TCP,
     netsh_excluded("udp"): NETSH_EXCLUDED_UDP,
+    netsh_dynamic("tcp", "ipv6"): NETSH_DYNAMIC_TCP,
+    netsh_dynamic("udp", "ipv6"): NETSH_DYNAMIC_UDP,
+    netsh_excluded("tcp", "ipv6"): NETSH_EXCLUDED_TCP_IPV6,
+    netsh_excluded("udp", "ipv6"): NETSH_EXCLUDED_UDP,
 }
+#: The TCP and UDP exclusions of both families together.
+WINDOWS_DEFAULT_EXCLUDED = ((5357, 5357), (50000, 50159), (52000, 52099), (53000, 53049))
 
 
 class CapturedRunner:
@@ -345,20 +375,25 @@ def test_port_range_equality_ignores_the_port_array() -> None:
 @pytest.mark.parametrize(
     ("output", "expected"),
     [
-        pytest.param(SYSCTL_DEFAULT, ((49152, 65535),), id="default"),
-        pytest.param(SYSCTL_CUSTOM, ((10000, 20000),), id="customised"),
+        pytest.param(SYSCTL_MACOS_DEFAULT, ((49152, 65535),), id="macos-default"),
+        pytest.param(SYSCTL_FREEBSD_DEFAULT, ((10000, 65535),), id="freebsd-default"),
+        pytest.param(SYSCTL_CUSTOM, ((10000, 30000),), id="customised-touching"),
+        pytest.param("10000\n20000\n49152\n65535\n", ((10000, 20000), (49152, 65535)), id="apart"),
+        pytest.param(SYSCTL_NETBSD_DEFAULT, ((49152, 65535),), id="netbsd-default"),
+        pytest.param(SYSCTL_OPENBSD_DEFAULT, ((1024, 65535),), id="openbsd-default"),
         pytest.param("1024\n1024\n", ((1024, 1024),), id="one-port"),
         pytest.param("", None, id="command-failed"),
         pytest.param(SYSCTL_UNKNOWN_OID, None, id="unknown-oid"),
         pytest.param("49152\n", None, id="one-number"),
         pytest.param("49152\n65535\n1\n", None, id="three-numbers"),
         pytest.param("0\n65535\n", None, id="zero"),
+        pytest.param("49152\n65535\n0\n0\n", None, id="second-pair-zero"),
         pytest.param("49152\n70000\n", None, id="beyond-65535"),
         pytest.param("65535\n49152\n", ((49152, 65535),), id="first-after-last"),
     ],
 )
-def test_parse_sysctl_range(output: str, expected: Spans | None) -> None:
-    assert parse_sysctl_range(output) == expected
+def test_parse_sysctl_ranges(output: str, expected: Spans | None) -> None:
+    assert parse_sysctl_ranges(output) == expected
 
 
 @pytest.mark.parametrize(
@@ -404,26 +439,31 @@ def test_read_windows() -> None:
     run = CapturedRunner(WINDOWS_DEFAULT)
     system = read_system_ports("win32", run=run)
     assert system.auto_assign == ((49152, 65535),)
-    # TCP and UDP exclusions together: a lease may be used for either protocol.
-    assert system.excluded == ((5357, 5357), (50000, 50159), (52000, 52099))
+    # TCP and UDP, IPv4 and IPv6 exclusions together: a lease may be used for any of them.
+    assert system.excluded == WINDOWS_DEFAULT_EXCLUDED
     assert system.reserved == ()
-    assert system.source == "netsh int ipv4 show dynamicport tcp/udp"
+    assert system.source == "netsh int ipv4/ipv6 show dynamicport tcp/udp"
     assert set(run.commands) == set(WINDOWS_DEFAULT)
 
 
-def test_read_windows_tcp_and_udp_ranges_differ() -> None:
-    outputs = {**WINDOWS_DEFAULT, netsh_dynamic("udp"): NETSH_DYNAMIC_CUSTOM.replace("tcp", "udp")}
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_read_windows_ranges_differ(protocol: str, family: str) -> None:
+    """Each family's and protocol's own dynamic range counts (``netsh int ipv6 set ...``)."""
+    custom = NETSH_DYNAMIC_CUSTOM.replace("tcp", protocol)
+    outputs = {**WINDOWS_DEFAULT, netsh_dynamic(protocol, family): custom}
     system = read_system_ports("win32", run=CapturedRunner(outputs))
     assert system.auto_assign == ((1025, 65535),)
 
 
-@pytest.mark.parametrize("failing", ["tcp", "udp"])
-def test_read_windows_dynamicport_failed(failing: str) -> None:
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_read_windows_dynamicport_failed(protocol: str, family: str) -> None:
     outputs = dict(WINDOWS_DEFAULT)
-    del outputs[netsh_dynamic(failing)]
+    del outputs[netsh_dynamic(protocol, family)]
     system = read_system_ports("win32", run=CapturedRunner(outputs))
     assert system.auto_assign is None
-    assert system.source == f"netsh dynamicport {failing} unavailable"
+    assert system.source == f"netsh int {family} show dynamicport {protocol} unavailable"
 
 
 def test_read_windows_without_exclusions() -> None:
@@ -431,51 +471,117 @@ def test_read_windows_without_exclusions() -> None:
         **WINDOWS_DEFAULT,
         netsh_excluded("tcp"): NETSH_EXCLUDED_EMPTY,
         netsh_excluded("udp"): "",
+        netsh_excluded("tcp", "ipv6"): NETSH_EXCLUDED_EMPTY,
+        netsh_excluded("udp", "ipv6"): "",
     }
     system = read_system_ports("win32", run=CapturedRunner(outputs))
     assert system.auto_assign == ((49152, 65535),)
     assert system.excluded == ()
 
 
-@pytest.mark.parametrize("platform", ["darwin", "freebsd14"])
+def test_read_windows_ipv6_exclusions_only() -> None:
+    outputs = {**WINDOWS_DEFAULT, netsh_excluded("tcp"): "", netsh_excluded("udp"): ""}
+    system = read_system_ports("win32", run=CapturedRunner(outputs))
+    assert system.excluded == ((5357, 5357), (50000, 50059), (52000, 52099), (53000, 53049))
+
+
 @pytest.mark.parametrize(
-    ("output", "expected"),
-    [(SYSCTL_DEFAULT, ((49152, 65535),)), (SYSCTL_CUSTOM, ((10000, 20000),))],
-    ids=["default", "customised"],
+    ("platform", "existing", "expected"),
+    [
+        pytest.param(
+            "darwin", {"/usr/sbin/sysctl", "/sbin/sysctl"}, "/usr/sbin/sysctl", id="macos"
+        ),
+        pytest.param("darwin", {"/sbin/sysctl"}, "/sbin/sysctl", id="macos-sbin-only"),
+        pytest.param("freebsd", {"/usr/sbin/sysctl", "/sbin/sysctl"}, "/sbin/sysctl", id="bsd"),
+        pytest.param("openbsd", {"/usr/sbin/sysctl"}, "/usr/sbin/sysctl", id="bsd-usr-sbin-only"),
+        pytest.param("netbsd", set(), "sysctl", id="neither-bare-name"),
+    ],
 )
-def test_read_bsd(platform: str, output: str, expected: Spans) -> None:
-    run = CapturedRunner({SYSCTL: output})
-    system = read_system_ports(platform, run=run)
+def test_sysctl_command(platform: str, existing: set[str], expected: str) -> None:
+    assert sysctl_command(platform, exists=existing.__contains__) == expected
+
+
+@pytest.mark.parametrize(
+    ("platform", "names", "output", "expected", "label"),
+    [
+        pytest.param(
+            "darwin", PORTRANGE, SYSCTL_MACOS_DEFAULT, ((49152, 65535),), "portrange", id="macos"
+        ),
+        pytest.param(
+            "freebsd14",
+            PORTRANGE,
+            SYSCTL_FREEBSD_DEFAULT,
+            ((10000, 65535),),
+            "portrange",
+            id="freebsd",
+        ),
+        pytest.param(
+            "freebsd15",
+            PORTRANGE,
+            SYSCTL_CUSTOM,
+            ((10000, 30000),),
+            "portrange",
+            id="freebsd-custom",
+        ),
+        pytest.param(
+            "dragonfly6", PORTRANGE, SYSCTL_CUSTOM, ((10000, 30000),), "portrange", id="dragonfly"
+        ),
+        pytest.param(
+            "netbsd10",
+            NETBSD_NAMES,
+            SYSCTL_NETBSD_DEFAULT,
+            ((49152, 65535),),
+            "anonportmin",
+            id="netbsd",
+        ),
+        pytest.param(
+            "openbsd7",
+            OPENBSD_NAMES,
+            SYSCTL_OPENBSD_DEFAULT,
+            ((1024, 65535),),
+            "porthifirst",
+            id="openbsd",
+        ),
+    ],
+)
+def test_read_bsd(
+    platform: str, names: tuple[str, ...], output: str, expected: Spans, label: str
+) -> None:
+    sysctl = "/usr/sbin/sysctl" if platform == "darwin" else "/sbin/sysctl"
+    run = CapturedRunner({(sysctl, "-n", *names): output})
+    system = read_system_ports(platform, run=run, exists={sysctl}.__contains__)
     assert system.auto_assign == expected
-    assert system.source == "sysctl net.inet.ip.portrange"
+    assert system.source.startswith("sysctl net.inet.ip.")
+    assert label in system.source
     assert system.excluded == system.reserved == ()
-    assert run.commands == [SYSCTL]
+    assert run.commands == [(sysctl, "-n", *names)]
 
 
-@pytest.mark.parametrize("platform", ["win32", "darwin", "freebsd14"])
+@pytest.mark.parametrize("platform", ["win32", "darwin", "freebsd14", "netbsd", "openbsd7"])
 def test_read_system_ports_command_failed(platform: str) -> None:
     system = read_system_ports(platform, run=CapturedRunner({}))
     assert system.auto_assign is None
     assert system.source.endswith("unavailable")
 
 
-def test_read_system_ports_unknown_platform() -> None:
-    run = CapturedRunner({SYSCTL: SYSCTL_DEFAULT})
-    system = read_system_ports("sunos5", run=run)
+@pytest.mark.parametrize("platform", ["sunos5", "aix7", "cygwin", "emscripten"])
+def test_read_system_ports_unknown_platform(platform: str) -> None:
+    run = CapturedRunner({})
+    system = read_system_ports(platform, run=run)
     assert system.auto_assign is None
-    assert system.source == "unknown for platform sunos5"
+    assert system.source == f"unknown for platform {platform}"
     assert run.commands == []
 
 
 # --- derive_auto -------------------------------------------------------------------------------
 
 LINUX_DEFAULT = SystemPorts(((32768, 60999),), "/proc/sys/net/ipv4/ip_local_port_range")
-MACOS_DEFAULT = SystemPorts(((49152, 65535),), "sysctl net.inet.ip.portrange")
+MACOS_DEFAULT = SystemPorts(((49152, 65535),), "sysctl net.inet.ip.portrange.first/last")
 WINDOWS_EXCLUDED = ((5357, 5357), (50000, 50159))
 WINDOWS = SystemPorts(((49152, 65535),), "netsh", excluded=WINDOWS_EXCLUDED)
-#: Whole dynamic range (fallback) minus the TCP and UDP exclusions of ``WINDOWS_DEFAULT``.
-WINDOWS_DEFAULT_AUTO = ((49152, 49999), (50160, 51999), (52100, 65535))
-UNKNOWN = SystemPorts(None, "sysctl net.inet.ip.portrange unavailable")
+#: Whole dynamic range (fallback) minus the exclusions of ``WINDOWS_DEFAULT``.
+WINDOWS_DEFAULT_AUTO = ((49152, 49999), (50160, 51999), (52100, 52999), (53050, 65535))
+UNKNOWN = SystemPorts(None, "sysctl net.inet.ip.portrange.first/last unavailable")
 OUTGOING = "outgoing connections"
 
 
@@ -594,15 +700,40 @@ def test_derive_auto_invariants(system: SystemPorts, exclude: Spans) -> None:
     ("platform", "outputs", "expected", "caveat"),
     [
         pytest.param("win32", WINDOWS_DEFAULT, WINDOWS_DEFAULT_AUTO, True, id="windows"),
-        pytest.param("darwin", {SYSCTL: SYSCTL_DEFAULT}, IANA_DYNAMIC, True, id="macos"),
-        pytest.param("freebsd14", {SYSCTL: SYSCTL_CUSTOM}, IANA_DYNAMIC, False, id="freebsd"),
+        pytest.param("darwin", {MACOS: SYSCTL_MACOS_DEFAULT}, IANA_DYNAMIC, True, id="macos"),
+        pytest.param("darwin", {MACOS: SYSCTL_CUSTOM}, IANA_DYNAMIC, False, id="macos-custom"),
+        pytest.param(
+            "freebsd14", {FREEBSD: SYSCTL_FREEBSD_DEFAULT}, IANA_DYNAMIC, True, id="freebsd"
+        ),
+        pytest.param(
+            "freebsd14",
+            {FREEBSD: "10000\n20000\n49152\n65535\n"},
+            IANA_DYNAMIC,
+            True,
+            id="freebsd-high-range-left-default",
+        ),
+        pytest.param("netbsd", {NETBSD: SYSCTL_NETBSD_DEFAULT}, IANA_DYNAMIC, True, id="netbsd"),
+        pytest.param(
+            "netbsd", {NETBSD: "32768\n59999\n"}, ((60000, 65535),), False, id="netbsd-custom"
+        ),
+        pytest.param(
+            "openbsd7", {OPENBSD: SYSCTL_OPENBSD_DEFAULT}, IANA_DYNAMIC, True, id="openbsd"
+        ),
+        pytest.param(
+            "openbsd7",
+            {OPENBSD: "1024\n49151\n55000\n65535\n"},
+            ((49152, 54999),),
+            False,
+            id="openbsd-high-range-narrowed",
+        ),
         pytest.param("darwin", {}, IANA_DYNAMIC, True, id="sysctl-failed"),
     ],
 )
 def test_captured_output_to_auto_range(
     platform: str, outputs: Mapping[tuple[str, ...], str], expected: Spans, caveat: bool
 ) -> None:
-    ports = derive_auto(read_system_ports(platform, run=CapturedRunner(outputs)), ())
+    system = read_system_ports(platform, run=CapturedRunner(outputs), exists=SYSCTL_AT.__contains__)
+    ports = derive_auto(system, ())
     assert ports.spans == expected
     assert (ports.caveat is not None) is caveat
 

@@ -1,0 +1,175 @@
+"""The matrix CI runs: lint and types, the suite on each CPython 3.10-3.13, on the lowest allowed
+dependency versions, the demo suite, and the built package.
+
+``nox`` runs every session, ``nox -s tests-3.12`` one (``nox -l`` lists them). A CPython that is
+not installed is reported as skipped, by session name, never as passed; ``.ci/run`` fails when
+fewer than two Python versions ran the suite. Each test session that passes writes which Python and
+dependency versions it ran to ``.nox/ran/<session>.json`` for that summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import nox
+
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+#: The floors pyproject.toml declares, installed exactly by the ``minimums`` session.
+MINIMUMS = ["pytest==8.4.0", "filelock==3.30.0", "pytest-xdist==3.6.1"]
+#: The lowest Python: the minimums session runs there (filelock >= 4.1.1 would need 3.11).
+LOWEST_PYTHON = PYTHONS[0]
+RAN_DIR = Path(".nox", "ran")
+#: What a test session reports about itself: the interpreter and the dependencies it ran with.
+VERSIONS_SCRIPT = """
+import importlib.metadata as m, json, platform
+names = ["pytest", "filelock", "pytest-xdist"]
+print(json.dumps({"python": platform.python_version(), **{n: m.version(n) for n in names}}))
+"""
+
+nox.options.default_venv_backend = "uv|virtualenv"  # uv when installed: installs take seconds
+nox.options.error_on_missing_interpreters = False  # skipped by name; .ci/run counts what ran
+nox.options.download_python = "never"  # only this machine's interpreters count
+os.environ["UV_PYTHON_DOWNLOADS"] = "never"
+
+# pyenv keeps each CPython in a directory of its own; its shims on PATH answer only for the
+# versions selected, so put every installed version's bin directory ahead of them.
+_PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"), "versions")
+os.environ["PATH"] = os.pathsep.join(
+    [*sorted(str(path) for path in _PYENV_VERSIONS.glob("3.*/bin")), os.environ["PATH"]]
+)
+
+
+def _run_suite(session: nox.Session, *requirements: str) -> None:
+    """Install the project with its test tools (and ``requirements``), run the suite, record it."""
+    marker = RAN_DIR / f"{session.name}.json"
+    marker.unlink(missing_ok=True)
+    session.install("-e", ".[dev]", *requirements)
+    ran = session.run("python", "-c", VERSIONS_SCRIPT, silent=True)
+    assert isinstance(ran, str)
+    session.log(f"ran with {ran.strip()}")
+    # The README's test command; posargs replace "-n 2" (for example "-n 4 -x").
+    session.run("python", "-m", "pytest", *(session.posargs or ["-n", "2"]))
+    RAN_DIR.mkdir(parents=True, exist_ok=True)
+    marker.write_text(ran)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format) and mypy in strict mode."""
+    session.install("-e", ".[dev]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """The suite on one CPython, with the newest dependency versions that install there."""
+    _run_suite(session)
+
+
+@nox.session(python=LOWEST_PYTHON)
+def minimums(session: nox.Session) -> None:
+    """The suite on the lowest Python with the lowest dependency versions pyproject.toml allows."""
+    _run_suite(session, *MINIMUMS)
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """The demo suite, as the README runs it: the package alone, 4 xdist workers."""
+    session.install("-e", ".")
+    session.run("python", "-m", "pytest", "-n", "4", "examples", *session.posargs)
+
+
+@nox.session
+def package(session: nox.Session) -> None:
+    """Build the sdist and the wheel, check their metadata and contents."""
+    session.install("build[uv]", "twine", "check-wheel-contents")
+    out = Path(session.create_tmp(), "dist")
+    for old in out.glob("*"):
+        old.unlink()
+    session.run("python", "-m", "build", "--installer=uv", "--outdir", str(out))
+    sdists, wheels = sorted(out.glob("*.tar.gz")), sorted(out.glob("*.whl"))
+    if len(sdists) != 1 or len(wheels) != 1:
+        session.error(f"expected one sdist and one wheel in {out}, found {sorted(out.iterdir())}")
+    session.run("twine", "check", "--strict", str(sdists[0]), str(wheels[0]))
+    session.run("check-wheel-contents", str(wheels[0]))
+    problems = _sdist_problems(sdists[0]) + _wheel_problems(wheels[0])
+    if problems:
+        session.error("; ".join(problems))
+    session.log(f"{sdists[0].name} and {wheels[0].name} hold what they should")
+
+
+def _sdist_problems(sdist: Path) -> list[str]:
+    with tarfile.open(sdist) as archive:
+        # Every member sits under "<name>-<version>/".
+        names = {member.name.partition("/")[2] for member in archive.getmembers()}
+    wanted = [
+        "LICENSE",
+        "README.md",
+        "CHANGELOG.md",
+        "pyproject.toml",
+        "noxfile.py",
+        "pytest_ephemeral/py.typed",
+        "tests/conftest.py",
+        "examples/conftest.py",
+        "benchmarks/bench.py",
+    ]
+    return [f"{name} missing from {sdist.name}" for name in wanted if name not in names]
+
+
+def _wheel_problems(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    dist_info = wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info/"
+    problems = [
+        f"{name} should not be in {wheel.name}"
+        for name in names
+        if not name.startswith(("pytest_ephemeral/", dist_info))
+    ]
+    for wanted in ("pytest_ephemeral/py.typed", f"{dist_info}licenses/LICENSE"):
+        if wanted not in names:
+            problems.append(f"{wanted} missing from {wheel.name}")
+    return problems
+
+
+def summarize(report_path: Path) -> int:
+    """Print which Pythons and dependency sets ran the suite; 1 if fewer than two Pythons did.
+
+    ``report_path`` is nox's ``--report`` JSON; the versions come from each session's marker.
+    """
+    sessions = json.loads(report_path.read_text())["sessions"]
+    pythons: set[str] = set()
+    print("Test sessions:")
+    for entry in sessions:
+        # "name" is the function's; a parametrized session's own name is its first signature.
+        name = (entry["signatures"] or [entry["name"]])[0]
+        result = entry["result"]
+        if not name.startswith(("tests-", "minimums")):
+            continue
+        marker = RAN_DIR / f"{name}.json"
+        if result == "success" and marker.exists():
+            ran = json.loads(marker.read_text())
+            pythons.add(".".join(ran["python"].split(".")[:2]))
+            deps = "minimums" if name.startswith("minimums") else "newest"
+            print(
+                f"  {name}: passed on Python {ran['python']}, {deps}: pytest {ran['pytest']},"
+                f" filelock {ran['filelock']}, pytest-xdist {ran['pytest-xdist']}"
+            )
+        else:
+            print(f"  {name}: {result}" + (f" ({entry['reason']})" if entry["reason"] else ""))
+    print(f"Python versions that ran the suite: {', '.join(sorted(pythons)) or 'none'}")
+    if len(pythons) < 2:
+        print("FAILED: fewer than two Python versions ran the suite")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(summarize(Path(sys.argv[1])))
