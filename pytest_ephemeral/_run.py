@@ -42,6 +42,7 @@ _PLACEHOLDER = re.compile(r"\{\{(ports|port\d*)\}\}|\{(ports|port\d*)\}")
 #: Inherited ``EPHEMERAL_PORT_N`` variables (from an enclosing ``run``) are dropped, not passed on.
 _NUMBERED = re.compile(r"EPHEMERAL_PORT_\d+")
 _FORWARDED = (signal.SIGINT, signal.SIGTERM)
+_LABEL_MAX = 500
 
 
 class UsageError(Exception):
@@ -192,12 +193,19 @@ def _exhausted(error: PortsExhausted) -> str:
     )
 
 
+def _label(command: Sequence[str]) -> str:
+    """The holder record's "test": the command line, on one line (a ``sh -c`` script would break
+    ``status``'s table), cut to a length a table and a record can hold."""
+    text = " ".join(shlex.join(command).split())
+    return text if len(text) <= _LABEL_MAX else text[: _LABEL_MAX - 3] + "..."
+
+
 def _terminal_sent_it_too(child: subprocess.Popen[bytes]) -> bool:
     """Whether a SIGINT we got reached ``child`` without us: Ctrl-C at a terminal signals the whole
     foreground process group, and the child is in ours. Forwarding it would make it a second
     Ctrl-C, which many programs (docker compose among them) take as "stop now, no cleanup"."""
-    if not hasattr(os, "tcgetpgrp"):
-        return False
+    if os.name == "nt":
+        return True  # a console's Ctrl-C reaches every process attached to it
     try:
         if os.getpgid(child.pid) != os.getpgrp():
             return False
@@ -265,7 +273,7 @@ def main(argv: Sequence[str], *, config: Sequence[Layer] = ()) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return EX_USAGE
     allocator = PortAllocator(settings)
-    label = shlex.join(command)  # the holder record's "test": what `status` shows
+    label = _label(command)
     try:
         try:
             if args.block:

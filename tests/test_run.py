@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pytest_ephemeral import PortsExhausted, lease_port
-from pytest_ephemeral._run import expand
+from pytest_ephemeral._run import _label, expand
 
 from .conftest import Holder, MakeRange, PrivateRange
 
@@ -192,6 +192,14 @@ def test_placeholders_expand() -> None:
     ]
 
 
+def test_the_holder_record_names_the_command_on_one_bounded_line() -> None:
+    assert _label(["sh", "-c", "a\n  b\tc", "{port}"]) == "sh -c 'a b c' '{port}'"
+    long = _label(["echo", "x" * 1000])
+    assert len(long) == 500
+    assert long.startswith("echo xxx")
+    assert long.endswith("x...")
+
+
 # --- Exit codes -----------------------------------------------------------------------------
 
 
@@ -299,8 +307,10 @@ def test_leases_are_held_while_the_command_runs_and_released_after(
     with waiter(private, "--ports", "2") as (runner, _):
         leases = status(lock_dir)
         assert sorted(lease["port"] for lease in leases) == private.ports
-        command_line = shlex.join([sys.executable, "-c", WAITER])
-        assert {lease["nodeid"] for lease in leases} == {command_line}
+        (label,) = {lease["nodeid"] for lease in leases}
+        assert label.startswith(shlex.join([sys.executable, "-c"]) + " ' import os, signal, sys ")
+        assert label.endswith(" sys.stdin.read() '")
+        assert "\n" not in label  # WAITER's newlines would break status's table
         assert {lease["pid"] for lease in leases} == {runner.pid}
         with (
             pytest.raises(PortsExhausted),
