@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import NoReturn
 
-from ._errors import ConfigError, PortsExhausted
+from ._errors import PortsExhausted
 from ._settings import NAMES, Layer, Raw, env_layer, env_var
 
 EX_USAGE = 2
@@ -267,12 +267,11 @@ def main(argv: Sequence[str], *, config: Sequence[Layer] = ()) -> int:
     try:
         expand(command, range(1, n + 1))  # check the placeholders before anything is leased
         settings = resolve(*layers(args, os.environ, config))
-    except (UsageError, ConfigError) as error:
-        # The core's messages name pytest's options; run's have the same names, unprefixed.
-        message = str(error).replace("--ephemeral-", "--")
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return EX_USAGE
-    allocator = PortAllocator(settings)
+        if n > len(settings.ports):
+            raise UsageError(f"cannot lease {n} ports: {settings.ports} has {settings.ports.size}")
+        allocator = PortAllocator(settings)
+    except (UsageError, ValueError) as error:  # ConfigError is a ValueError
+        return _usage_error(error)
     label = _label(command)
     try:
         try:
@@ -283,9 +282,8 @@ def main(argv: Sequence[str], *, config: Sequence[Layer] = ()) -> int:
         except PortsExhausted as error:
             print(_exhausted(error), file=sys.stderr)
             return EX_TEMPFAIL
-        except ValueError as error:  # a block longer than the range's longest run
-            print(f"{PROG}: error: {error}", file=sys.stderr)
-            return EX_USAGE
+        except ValueError as error:  # a block longer than the range's longest run, say
+            return _usage_error(error)
         except OSError as error:
             print(f"{PROG}: cannot lease in {settings.lock_dir}: {error}", file=sys.stderr)
             return EX_OSERR
@@ -294,3 +292,10 @@ def main(argv: Sequence[str], *, config: Sequence[Layer] = ()) -> int:
         return run(expand(command, ports), ports=ports, environ=os.environ)
     finally:
         allocator.release_all()
+
+
+def _usage_error(error: Exception) -> int:
+    # The core's messages name pytest's options; run's have the same names, unprefixed.
+    message = str(error).replace("--ephemeral-", "--")
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return EX_USAGE

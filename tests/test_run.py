@@ -268,12 +268,32 @@ def test_errors_name_run_s_options_not_pytest_s(tmp_path: Path) -> None:
     assert "--ephemeral-" not in done.stderr
 
 
-def test_a_block_longer_than_the_range_is_a_usage_error(private_range: MakeRange) -> None:
+@pytest.mark.parametrize(
+    ("count", "error"),
+    [
+        (["--block", "3"], "cannot lease 3 ports: {spec} has 2 ports"),
+        (["--ports", "3"], "cannot lease 3 ports: {spec} has 2 ports"),
+    ],
+)
+def test_more_ports_than_the_range_has_is_a_usage_error(
+    private_range: MakeRange, count: list[str], error: str
+) -> None:
     private = private_range(2)
     options = ["--lock-dir", str(private.lock_dir), "--port-range", private.spec]
-    done = run(*options, "--block", "3", "--", "true")
+    done = run(*options, *count, "--", "true")
+    assert done.returncode == 2  # not 75: waiting cannot help
+    assert done.stderr == f"pytest-ephemeral run: error: {error.format(spec=private.spec)}\n"
+
+
+def test_a_block_longer_than_the_range_s_longest_run_is_a_usage_error(
+    private_range: MakeRange,
+) -> None:
+    private = private_range(5)
+    options = ["--lock-dir", str(private.lock_dir), "--port-range", private.spec]
+    done = run(*options, "--exclude", str(private.ports[2]), "--block", "3", "--", "true")
     assert done.returncode == 2
-    assert "longest run" in done.stderr
+    assert "cannot lease 3 consecutive ports: the longest run in " in done.stderr
+    assert done.stderr.endswith(" is 2\n")
 
 
 def test_help_lists_run() -> None:
