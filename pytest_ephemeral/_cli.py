@@ -138,6 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Show the auto port range on this machine and how it was derived.",
     )
     ranges.add_argument("--json", action="store_true", help="print a JSON object")
+    # `run` parses its own arguments (pytest_ephemeral/_run.py): listed here for --help only.
+    commands.add_parser("run", help="lease ports and run a command with them", add_help=False)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        from ._run import main as run
+
+        return run(argv[1:])
     args = parser.parse_args(argv)
     env = env_layer(os.environ)  # the plugin's environment variables, read the plugin's way
     try:
