@@ -18,6 +18,7 @@ from uuid import uuid4
 
 import pytest
 
+from ._configfile import override_layer
 from ._errors import ConfigError
 from ._holder import Holder, this_process
 from ._settings import (
@@ -156,7 +157,8 @@ _STATE = pytest.StashKey[_State]()
 
 
 def _cli_layer(config: pytest.Config) -> Layer:
-    layer = {}
+    """``--ephemeral-*`` options, then ``-o ephemeral_*`` ones: what the user typed wins."""
+    layer = dict(override_layer(config.option.override_ini))
     for name in NAMES:
         value = getattr(config.option, f"ephemeral_{name}", None)
         if value is not None:
@@ -165,9 +167,12 @@ def _cli_layer(config: pytest.Config) -> Layer:
 
 
 def _ini_layer(config: pytest.Config) -> Layer:
+    overridden = override_layer(config.option.override_ini)  # in _cli_layer, not from the file
     layer = {}
     for name in NAMES:
         key = f"ephemeral_{name}"
+        if name in overridden:
+            continue
         try:
             value = config.getini(key)
         except (TypeError, ValueError, pytest.UsageError) as error:  # pytest >= 9.2 wraps them

@@ -112,7 +112,10 @@ def test_status_reads_the_lock_dir_from_the_environment(
     assert [line.split()[:2] for line in lines[1:4]] == [
         [str(port), str(process.pid)] for port in private.ports
     ]
-    assert lines[-1] == f"3 live leases in {private.lock_dir}"
+    assert lines[-1] == (
+        f"3 live leases in {private.lock_dir}"
+        " (lock dir from environment variable PYTEST_EPHEMERAL_LOCK_DIR)"
+    )
 
 
 def test_a_killed_holders_records_are_not_live(holder_process: Holder) -> None:
@@ -271,8 +274,10 @@ def test_range_reports_what_proc_says() -> None:
     assert figures["source"] == "/proc/sys/net/ipv4/ip_local_port_range"
     assert figures["dynamic"] == "49152-65535"
     text = subprocess.run(command[:-1], capture_output=True, text=True, timeout=60, check=True)
-    assert f"OS auto-assign range:      {low}-{high}" in text.stdout
-    assert text.stdout.startswith(f"auto range: {figures['range']} ({figures['size']} ports)")
+    auto_assign = next(line for line in text.stdout.splitlines() if "OS auto-assign" in line)
+    assert auto_assign.endswith(f"  {low}-{high} (/proc/sys/net/ipv4/ip_local_port_range)")
+    auto = next(line for line in text.stdout.splitlines() if line.startswith("auto range "))
+    assert auto.endswith(f"  {figures['range']} ({figures['size']} ports)")
 
 
 @pytest.mark.parametrize("args", [["status", "--help"], ["range", "--help"], ["--help"]])
