@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._configfile import project_layer
+from ._configfile import addopts_layer, config_file_layer, project_config
 from ._errors import ConfigError
 from ._portmap import Row, axis_low, draw
 from ._ranges import IANA_DYNAMIC, derive_auto, format_spans, normalize, read_system_ports
@@ -47,8 +47,10 @@ class _Project:
         start = Path(os.path.abspath(os.path.expandvars(args.rootdir or os.curdir)))
         if not start.is_dir():
             raise ConfigError(f"directory {start} not found (--rootdir)")
-        self.config_file, file_layer = project_layer(start, args.config_file)
-        self.layers = (first, env_layer(os.environ), file_layer)
+        self.config_file, section = project_config(start, args.config_file)
+        file_layer = config_file_layer(self.config_file, section)
+        options = addopts_layer(section, self.config_file, os.environ.get("PYTEST_ADDOPTS", ""))
+        self.layers = ({**options, **first}, env_layer(os.environ), file_layer)
 
     def pick(self, name: str) -> Raw | None:
         return next((layer[name] for layer in self.layers if name in layer), None)

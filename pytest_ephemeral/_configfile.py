@@ -14,6 +14,7 @@ This lets ``pytest-ephemeral status`` and ``range`` use what a pytest run would,
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -107,6 +108,48 @@ def override_layer(overrides: Iterable[str] | None) -> Layer:
     return layer
 
 
+def addopts_layer(section: Section | None, path: Path | None, pytest_addopts: str) -> Layer:
+    """The ``--ephemeral-*`` and ``-o ephemeral_*`` options a pytest run here would be given by
+    the config file's ``addopts`` and by ``PYTEST_ADDOPTS``, the plugin's way: a later option
+    beats an earlier one of its kind, and an ``--ephemeral-*`` option beats ``-o``."""
+    sources: list[tuple[list[str], str]] = []
+    addopts = (section or {}).get("addopts")
+    if isinstance(addopts, str):
+        addopts = _split(addopts, f"addopts in config file {path}")
+    if isinstance(addopts, list):
+        sources.append(([str(arg) for arg in addopts], f"addopts in config file {path}"))
+    where = "environment variable PYTEST_ADDOPTS"
+    sources.append((_split(pytest_addopts, where), where))
+    overrides: dict[str, Raw] = {}
+    options: dict[str, Raw] = {}
+    for args, where in sources:
+        rest = iter(args)
+        for arg in rest:
+            option, equals, value = arg.partition("=")
+            if option.startswith("--ephemeral-"):
+                name = option.removeprefix("--ephemeral-").replace("-", "_")
+                if name in NAMES:
+                    value = value if equals else next(rest, "")
+                    options[name] = Raw(value, f"command-line option {option} in {where}")
+                continue
+            if option in ("-o", "--override-ini"):
+                override = value if equals else next(rest, "")
+            elif arg.startswith("-o"):  # -oKEY=VALUE
+                override = arg[2:]
+            else:
+                continue
+            for name, raw in override_layer([override]).items():
+                overrides[name] = Raw(raw.value, f"{raw.origin} in {where}")
+    return {**overrides, **options}
+
+
+def _split(args: str, where: str) -> list[str]:
+    try:
+        return shlex.split(args)
+    except ValueError as error:
+        raise ConfigError(f"cannot split {args!r} from {where} into arguments: {error}") from None
+
+
 # --- Reading the formats ----------------------------------------------------------------------
 
 
@@ -196,9 +239,9 @@ def _read_ini(path: Path) -> dict[str, dict[str, str]]:
     return sections
 
 
-def project_layer(start: Path, config_file: Path | None = None) -> tuple[Path | None, Layer]:
+def project_config(start: Path, config_file: Path | None = None) -> tuple[Path | None, Section]:
     """The config file a pytest run started in ``start`` would read (``config_file`` if given,
-    like pytest's ``-c``) and its ``ephemeral_*`` values."""
+    like pytest's ``-c``) and its pytest settings."""
     if config_file is None:
         path = find_config_file(start)
     else:
@@ -210,4 +253,4 @@ def project_layer(start: Path, config_file: Path | None = None) -> tuple[Path | 
         if not path.is_file():  # pytest reads /dev/null and the like as an empty config
             return path, {}
     section = read_pytest_section(path) if path is not None else None
-    return path, config_file_layer(path, section)
+    return path, section or {}

@@ -133,6 +133,66 @@ def test_environment_beats_the_config_file_and_sources_say_so(project: Path) -> 
     assert any(line.split()[:2] == ["port_range", "61000-61099"] for line in text)
 
 
+def test_options_in_addopts_and_pytest_addopts_count_as_pytest_counts_them(project: Path) -> None:
+    config = project / "pyproject.toml"
+    config.write_text(
+        "[tool.pytest.ini_options]\n"
+        'addopts = "-ra --ephemeral-timeout 4 -o ephemeral_port_range=61000-61099"\n'
+        'ephemeral_timeout = "2"\n'
+    )
+    sources = range_json(project)["sources"]
+    assert sources["timeout"] == {
+        "value": 4.0,
+        "origin": f"command-line option --ephemeral-timeout in addopts in config file {config}",
+    }
+    assert sources["port_range"]["origin"] == (
+        f"command-line option -o ephemeral_port_range in addopts in config file {config}"
+    )
+    env = {"PYTEST_ADDOPTS": "-oephemeral_port_range=61100-61199 --ephemeral-host=localhost"}
+    sources = range_json(project, env={**env, "PYTEST_EPHEMERAL_PORT_RANGE": "61200-61299"})[
+        "sources"
+    ]
+    assert sources["port_range"] == {
+        "value": "61100-61199",
+        "origin": "command-line option -o ephemeral_port_range in environment variable"
+        " PYTEST_ADDOPTS",
+    }
+    assert sources["host"]["value"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("text", "env"),
+    [
+        ("[pytest]\nephemeral_port_range = 61000-61099\nephemeral_exclude = 61005\n", {}),
+        (
+            "[pytest]\naddopts = -o ephemeral_port_range=61000-61099\n",
+            {"PYTEST_EPHEMERAL_PORT_RANGE": "61100-61199"},
+        ),
+        (
+            "[pytest]\naddopts = --ephemeral-port-range=61000-61099\n",
+            {"PYTEST_ADDOPTS": "-o ephemeral_port_range=61100-61199"},
+        ),
+    ],
+)
+def test_range_says_what_pytest_itself_uses(project: Path, text: str, env: dict[str, str]) -> None:
+    (project / "tox.ini").write_text(text)
+    (project / "tests" / "test_nothing.py").write_text("def test_nothing(): pass\n")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_EPHEMERAL_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider"],
+        cwd=project / "tests",
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    header = next(line for line in run.stdout.splitlines() if line.startswith("ephemeral ports"))
+    first = cli("range", cwd=project / "tests", env=env).stdout.splitlines()[0]
+    in_force = first.removeprefix("ports a pytest run here leases: ").split(" (")[0]
+    assert header.startswith(f"ephemeral ports: {in_force} (")
+
+
 @pytest.mark.parametrize(
     ("files", "args", "env", "expected"),
     [
