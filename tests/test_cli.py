@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -353,6 +352,8 @@ def test_draw_puts_each_port_in_its_column() -> None:
 
 def run_in_a_terminal(*args: str, env: dict[str, str]) -> str:
     """The command's output when its stdout is a real terminal (a pseudo-terminal)."""
+    import pty  # POSIX only
+
     controller, terminal = pty.openpty()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_EPHEMERAL_")}
     environ.pop("NO_COLOR", None)
@@ -421,3 +422,46 @@ def test_version(project: Path) -> None:
     assert cli("--version", cwd=project).stdout == f"pytest-ephemeral {installed}\n"
     assert pytest_ephemeral.__version__ == installed
     assert "__version__" not in pytest_ephemeral.__all__
+
+
+# --- The command itself: what /proc says, help, usage errors, the installed script -------------
+
+
+def test_range_reports_what_proc_says() -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    command = [sys.executable, "-m", "pytest_ephemeral", "range", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    figures = json.loads(done.stdout)
+    assert figures["auto_assign"] == f"{low}-{high}"
+    assert figures["source"] == "/proc/sys/net/ipv4/ip_local_port_range"
+    assert figures["dynamic"] == "49152-65535"
+    text = subprocess.run(command[:-1], capture_output=True, text=True, timeout=60, check=True)
+    auto_assign = next(line for line in text.stdout.splitlines() if "OS auto-assign" in line)
+    assert auto_assign.endswith(f"  {low}-{high} (/proc/sys/net/ipv4/ip_local_port_range)")
+    auto = next(line for line in text.stdout.splitlines() if line.startswith("auto range "))
+    assert auto.endswith(f"  {figures['range']} ({figures['size']} ports)")
+
+
+@pytest.mark.parametrize("args", [["status", "--help"], ["range", "--help"], ["--help"]])
+def test_help(args: list[str]) -> None:
+    command = [sys.executable, "-m", "pytest_ephemeral", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.startswith("usage: pytest-ephemeral")
+
+
+@pytest.mark.parametrize("args", [["status", "--bogus"], ["fly"], []])
+def test_bad_arguments_exit_2(args: list[str]) -> None:
+    command = [sys.executable, "-m", "pytest_ephemeral", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].startswith("pytest-ephemeral: error: ")
+
+
+def test_the_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("pytest-ephemeral")
+    done = subprocess.run(
+        [str(script), "range", "--json"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(done.stdout)["dynamic"] == "49152-65535"

@@ -263,38 +263,6 @@ def test_summary_survives_a_crashed_worker(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["ephemeral ports: * leased, *"])
 
 
-def test_range_reports_what_proc_says() -> None:
-    if not sys.platform.startswith("linux"):
-        pytest.skip("reads /proc")
-    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-    command = [sys.executable, "-m", "pytest_ephemeral", "range", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
-    figures = json.loads(done.stdout)
-    assert figures["auto_assign"] == f"{low}-{high}"
-    assert figures["source"] == "/proc/sys/net/ipv4/ip_local_port_range"
-    assert figures["dynamic"] == "49152-65535"
-    text = subprocess.run(command[:-1], capture_output=True, text=True, timeout=60, check=True)
-    auto_assign = next(line for line in text.stdout.splitlines() if "OS auto-assign" in line)
-    assert auto_assign.endswith(f"  {low}-{high} (/proc/sys/net/ipv4/ip_local_port_range)")
-    auto = next(line for line in text.stdout.splitlines() if line.startswith("auto range "))
-    assert auto.endswith(f"  {figures['range']} ({figures['size']} ports)")
-
-
-@pytest.mark.parametrize("args", [["status", "--help"], ["range", "--help"], ["--help"]])
-def test_help(args: list[str]) -> None:
-    command = [sys.executable, "-m", "pytest_ephemeral", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
-    assert done.stdout.startswith("usage: pytest-ephemeral")
-
-
-@pytest.mark.parametrize("args", [["status", "--bogus"], ["fly"], []])
-def test_bad_arguments_exit_2(args: list[str]) -> None:
-    command = [sys.executable, "-m", "pytest_ephemeral", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert done.stderr.splitlines()[-1].startswith("pytest-ephemeral: error: ")
-
-
 # --- How a port still in use is recognised --------------------------------------------------
 
 PROC_NET_TCP = """\
@@ -428,11 +396,3 @@ def test_a_holder_without_a_record_is_listed_without_details(
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*Holders:", f"*  port {port}: no holder record"])
     assert "RuntimeWarning" not in result.stdout.str()
-
-
-def test_the_console_script_is_installed() -> None:
-    script = Path(sys.executable).with_name("pytest-ephemeral")
-    done = subprocess.run(
-        [str(script), "range", "--json"], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert json.loads(done.stdout)["dynamic"] == "49152-65535"
