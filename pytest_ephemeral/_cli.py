@@ -48,8 +48,11 @@ class _Project:
         if not start.is_dir():
             raise ConfigError(f"directory {start} not found (--rootdir)")
         self.config_file, section = project_config(start, args.config_file)
-        file_layer = config_file_layer(self.config_file, section)
-        options = addopts_layer(section, self.config_file, os.environ.get("PYTEST_ADDOPTS", ""))
+        options, cleared = addopts_layer(
+            section, self.config_file, os.environ.get("PYTEST_ADDOPTS", "")
+        )
+        in_file = config_file_layer(self.config_file, section).items()
+        file_layer = {name: raw for name, raw in in_file if name not in cleared}
         self.layers = ({**options, **first}, env_layer(os.environ), file_layer)
 
     def pick(self, name: str) -> Raw | None:

@@ -97,21 +97,28 @@ def config_file_layer(path: Path | None, section: Section | None) -> Layer:
     return layer
 
 
-def override_layer(overrides: Iterable[str] | None) -> Layer:
-    """The ``ephemeral_*`` values of pytest's ``-o KEY=VALUE`` options (the last one wins)."""
+def override_layer(overrides: Iterable[str] | None, keep_empty: bool = False) -> Layer:
+    """The ``ephemeral_*`` values of pytest's ``-o KEY=VALUE`` options (the last one wins).
+
+    An empty value clears the config file's value; it is left out unless ``keep_empty``.
+    """
     layer = {}
     for override in overrides or ():
         key, equals, value = override.partition("=")
-        name = key.strip().removeprefix("ephemeral_")
-        if equals and key.strip().startswith("ephemeral_") and name in NAMES and value.strip():
-            layer[name] = Raw(value, f"command-line option -o {key.strip()}")
-    return layer
+        key = key.strip()
+        name = key.removeprefix("ephemeral_")
+        if equals and key.startswith("ephemeral_") and name in NAMES:
+            layer[name] = Raw(value, f"command-line option -o {key}")
+    return {name: raw for name, raw in layer.items() if keep_empty or str(raw.value).strip()}
 
 
-def addopts_layer(section: Section | None, path: Path | None, pytest_addopts: str) -> Layer:
+def addopts_layer(
+    section: Section | None, path: Path | None, pytest_addopts: str
+) -> tuple[Layer, set[str]]:
     """The ``--ephemeral-*`` and ``-o ephemeral_*`` options a pytest run here would be given by
     the config file's ``addopts`` and by ``PYTEST_ADDOPTS``, the plugin's way: a later option
-    beats an earlier one of its kind, and an ``--ephemeral-*`` option beats ``-o``."""
+    beats an earlier one of its kind, and an ``--ephemeral-*`` option beats ``-o``. Also the
+    names an empty ``-o ephemeral_X=`` clears from the config file."""
     sources: list[tuple[list[str], str]] = []
     addopts = (section or {}).get("addopts")
     if isinstance(addopts, str):
@@ -138,9 +145,11 @@ def addopts_layer(section: Section | None, path: Path | None, pytest_addopts: st
                 override = arg[2:]
             else:
                 continue
-            for name, raw in override_layer([override]).items():
+            for name, raw in override_layer([override], keep_empty=True).items():
                 overrides[name] = Raw(raw.value, f"{raw.origin} in {where}")
-    return {**overrides, **options}
+    cleared = {name for name, raw in overrides.items() if not str(raw.value).strip()}
+    given = {name: raw for name, raw in overrides.items() if name not in cleared}
+    return {**given, **options}, cleared
 
 
 def _split(args: str, where: str) -> list[str]:

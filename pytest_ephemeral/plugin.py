@@ -18,7 +18,6 @@ from uuid import uuid4
 
 import pytest
 
-from ._configfile import override_layer
 from ._errors import ConfigError
 from ._holder import Holder, this_process
 from ._settings import (
@@ -158,6 +157,8 @@ _STATE = pytest.StashKey[_State]()
 
 def _cli_layer(config: pytest.Config) -> Layer:
     """``--ephemeral-*`` options, then ``-o ephemeral_*`` ones: what the user typed wins."""
+    from ._configfile import override_layer
+
     layer = dict(override_layer(config.option.override_ini))
     for name in NAMES:
         value = getattr(config.option, f"ephemeral_{name}", None)
@@ -167,7 +168,10 @@ def _cli_layer(config: pytest.Config) -> Layer:
 
 
 def _ini_layer(config: pytest.Config) -> Layer:
-    overridden = override_layer(config.option.override_ini)  # in _cli_layer, not from the file
+    from ._configfile import override_layer
+
+    # Given with -o: in _cli_layer, or cleared by an empty -o ephemeral_X=, as pytest clears it
+    overridden = override_layer(config.option.override_ini, keep_empty=True)
     layer = {}
     for name in NAMES:
         key = f"ephemeral_{name}"

@@ -159,6 +159,13 @@ def test_options_in_addopts_and_pytest_addopts_count_as_pytest_counts_them(proje
     assert sources["host"]["value"] == "127.0.0.1"
 
 
+def test_an_empty_o_in_addopts_clears_the_config_file_value(project: Path) -> None:
+    (project / "pytest.ini").write_text(
+        "[pytest]\naddopts = -o ephemeral_exclude=\nephemeral_exclude = 61000\n"
+    )
+    assert range_json(project)["sources"]["exclude"] == {"value": "none", "origin": "default"}
+
+
 @pytest.mark.parametrize(
     ("text", "env"),
     [
@@ -170,6 +177,10 @@ def test_options_in_addopts_and_pytest_addopts_count_as_pytest_counts_them(proje
         (
             "[pytest]\naddopts = --ephemeral-port-range=61000-61099\n",
             {"PYTEST_ADDOPTS": "-o ephemeral_port_range=61100-61199"},
+        ),
+        (
+            "[pytest]\naddopts = -o ephemeral_port_range=\nephemeral_port_range = 61000-61099\n",
+            {},
         ),
     ],
 )

@@ -122,6 +122,18 @@ def test_o_and_options_beat_the_environment_which_beats_the_config_file(
     assert "61200-61299 (100 ports; set by command-line option -o" in header(result)
 
 
+def test_an_empty_o_clears_the_config_file_value(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run.makefile(".ini", pytest="[pytest]\nephemeral_port_range = 61000-61099\n")
+    monkeypatch.delenv(ENV_RANGE)
+    assert "(100 ports; set by ephemeral_port_range in config file" in header(run.runpytest())
+    assert "; auto: 49152-65535" in header(run.runpytest("-o", "ephemeral_port_range="))
+    monkeypatch.setenv(ENV_RANGE, "61100-61199")
+    result = run.runpytest("-o", "ephemeral_port_range=")
+    assert "61100-61199 (100 ports; set by environment variable" in header(result)
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
