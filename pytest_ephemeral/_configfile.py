@@ -177,6 +177,9 @@ def _read_toml(path: Path) -> dict[str, object]:
 def _toml_pytest_table(path: Path, document: dict[str, object]) -> Section | None:
     table = document.get("pytest")
     if table is None:
+        stray = [key for key, value in document.items() if not isinstance(value, dict)]
+        if stray:  # pytest refuses these too: settings written before any table
+            raise ConfigError(f"{path}: put pytest settings under [pytest], not {stray[0]!r}")
         return None
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: pytest must be a table")

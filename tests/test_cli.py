@@ -232,6 +232,12 @@ def test_range_says_what_pytest_itself_uses(project: Path, text: str, env: dict[
             {},
             "{project}/setup.cfg: use [tool:pytest], not [pytest], in a .cfg file",
         ),
+        (
+            {"pytest.toml": 'ephemeral_exclude = "1"\n'},
+            [],
+            {},
+            "{project}/pytest.toml: put pytest settings under [pytest], not 'ephemeral_exclude'",
+        ),
         ({}, ["-c", "missing.ini"], {}, "config file {project}/missing.ini not found (-c)"),
         ({}, ["--rootdir", "missing"], {}, "directory {project}/missing not found (--rootdir)"),
     ],
