@@ -213,17 +213,31 @@ def _can_encode_blocks() -> bool:
     return True
 
 
-def _version() -> str:
-    from . import __version__
+class _Version(argparse.Action):
+    """``--version``: the version is read (from the installed metadata, about 50 ms) only when
+    asked for, not on every run of the command."""
 
-    return __version__
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from . import __version__
+
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pytest-ephemeral", description="Leased network ports for tests: who holds what."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_Version, help="print the installed version and exit")
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument(
         "-c",
