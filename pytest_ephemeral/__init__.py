@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from ._api import lease_block, lease_port
     from .plugin import EphemeralPortWarning, PortFactory
 
+    __version__: str
+
 __all__ = [
     "ConfigError",
     "EphemeralError",
@@ -35,6 +37,14 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read from the installed metadata on first use, then kept
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            globals()["__version__"] = version("pytest-ephemeral")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            globals()["__version__"] = "0+unknown"
+        return globals()["__version__"]
     if name in _LAZY:
         import importlib
 

@@ -1,7 +1,9 @@
-"""``pytest-ephemeral status`` and ``pytest-ephemeral range``: who holds ports, and which ports.
+"""``pytest-ephemeral status``, ``range`` and ``run``: who holds ports, which ports, and leases for
+any program (``run`` lives in ``_run.py``).
 
-Same defaults and environment variables as the plugin, so with no arguments ``status`` reads the
-lock dir the user's tests use.
+Both use what a pytest run started here would: the same config file (found the way pytest finds
+it, or named by ``-c``), the same environment variables and the same precedence, resolved and
+checked by the same code. A bad value is a usage error (exit 2) naming it and where it came from.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._configfile import addopts_layer, config_file_layer, project_config
 from ._errors import ConfigError
 from ._lockdir import default_lock_dir
-from ._ranges import IANA_DYNAMIC, derive_auto, format_spans, read_system_ports
-from ._settings import Layer, env_layer, env_var, exclusions
+from ._portmap import Row, axis_low, draw
+from ._ranges import IANA_DYNAMIC, derive_auto, format_spans, normalize, read_system_ports
+from ._settings import NAMES, Layer, Raw, Settings, env_layer, exclusions, resolve
 
 _LOCK_FILE = re.compile(r"(\d+)\.lock")
 
 
 def live_leases(lock_dir: Path) -> list[dict[str, Any]]:
-    """The holder records of every lease held right now in ``lock_dir``, by port."""
+    """The holder records of every lease held right now in ``lock_dir``, by port, and of every
+    unusable lock path (a FIFO, a symlink, ...), with a ``problem`` saying what it is."""
     from ._lockfile import RECORD_KEYS, Unusable, read_live_record  # imports filelock
 
     try:
@@ -38,17 +43,59 @@ def live_leases(lock_dir: Path) -> list[dict[str, Any]]:
         try:
             record = read_live_record(str(lock_dir), port)
         except Unusable as unusable:
-            record = {
-                **dict.fromkeys(RECORD_KEYS),
-                "port": port,
-                "problem": f"unusable lock file: {unusable}",
-            }
+            record = dict.fromkeys(RECORD_KEYS)
+            record.update(port=port, problem=f"unusable lock file: {unusable}")
         if record is not None:
             records.append(record)
     return records
 
 
-def _status(lock_dir: Path, as_json: bool) -> None:
+class _Project:
+    """The settings a pytest run here would use, as given (``layers``) and where from."""
+
+    def __init__(self, args: argparse.Namespace, first: Layer) -> None:
+        start = Path(os.path.abspath(os.path.expandvars(args.rootdir or os.curdir)))
+        if not start.is_dir():
+            raise ConfigError(f"directory {start} not found (--rootdir)")
+        self.config_file, section = project_config(start, args.config_file)
+        options, cleared = addopts_layer(
+            section, self.config_file, os.environ.get("PYTEST_ADDOPTS", "")
+        )
+        in_file = config_file_layer(self.config_file, section).items()
+        file_layer = {name: raw for name, raw in in_file if name not in cleared}
+        self.layers = ({**options, **first}, env_layer(os.environ), file_layer)
+
+    def pick(self, name: str) -> Raw | None:
+        return next((layer[name] for layer in self.layers if name in layer), None)
+
+    def lock_dir(self) -> tuple[Path | None, str]:
+        """The lock dir the layers name (None if the value is not a path), and where from."""
+        raw = self.pick("lock_dir")
+        if raw is None:
+            return Path(default_lock_dir()), "the default"
+        if not isinstance(raw.value, (str, os.PathLike)):
+            return None, raw.origin
+        return Path(os.path.abspath(os.fspath(raw.value))), raw.origin
+
+    def origin(self, name: str) -> str:
+        raw = self.pick(name)
+        return raw.origin if raw else "default"
+
+    def resolve(self) -> Settings:
+        """Resolve and check the settings as the plugin does (which creates nothing)."""
+        return resolve(*self.layers)
+
+
+def _status(project: _Project, as_json: bool) -> int:
+    lock_dir = Path(project.resolve().lock_dir)
+    _, origin = project.lock_dir()
+    if not os.path.lexists(lock_dir):
+        print(
+            f"pytest-ephemeral: lock dir {lock_dir} (from {origin}) does not exist:"
+            " no pytest run has leased a port with it",
+            file=sys.stderr,
+        )
+        return 1
     leases = live_leases(lock_dir)
     for lease in leases:
         if "unreadable" in lease.get("problem", ""):
@@ -58,7 +105,7 @@ def _status(lock_dir: Path, as_json: bool) -> None:
             )
     if as_json:
         print(json.dumps(leases, indent=2))
-        return
+        return 0
     now = time.time()
     rows = [("PORT", "PID", "HOST", "WORKER", "AGE", "TEST")]
     for lease in leases:
@@ -81,79 +128,194 @@ def _status(lock_dir: Path, as_json: bool) -> None:
                 [*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]
             )
         )
-    print(f"{len(leases)} live lease{'s' * (len(leases) != 1)} in {lock_dir}")
+    count = f"{len(leases)} live lease{'s' * (len(leases) != 1)}"
+    print(f"{count} in {lock_dir} (lock dir from {origin})")
+    return 0
 
 
-def _range(env: Layer, as_json: bool) -> None:
+def _sources(project: _Project, settings: Settings, exclude: str) -> dict[str, dict[str, Any]]:
+    """Each setting as a run here would use it, and where that came from."""
+    values: dict[str, Any] = {
+        "port_range": str(settings.ports),
+        "exclude": exclude,
+        "lock_dir": settings.lock_dir,
+        "host": settings.host,
+        "timeout": settings.timeout,
+    }
+    return {name: {"value": values[name], "origin": project.origin(name)} for name in NAMES}
+
+
+def _range(project: _Project, as_json: bool) -> int:
+    settings = project.resolve()
     system = read_system_ports()
-    exclude = exclusions(env.get("exclude"))
-    ports = derive_auto(system, exclude)
+    exclude = exclusions(project.pick("exclude"))
+    auto = derive_auto(system, exclude)
+    leases = live_leases(Path(settings.lock_dir))
+    leased = [lease["port"] for lease in leases if lease["pid"] or not lease.get("problem")]
+    sources = _sources(project, settings, format_spans(exclude))
     figures = {
-        "range": format_spans(ports.spans),
-        "size": len(ports),
+        "range": format_spans(auto.spans),
+        "size": len(auto),
         "dynamic": format_spans(IANA_DYNAMIC),
         "auto_assign": None if system.auto_assign is None else format_spans(system.auto_assign),
         "source": system.source,
         "reserved": format_spans(system.reserved),
         "os_excluded": format_spans(system.excluded),
         "excluded": format_spans(exclude),
-        "caveat": ports.caveat,
-        "origin": ports.origin,
+        "caveat": auto.caveat,
+        "origin": auto.origin,
+        "config_file": None if project.config_file is None else str(project.config_file),
+        "sources": sources,
+        "leased": leased,
     }
     if as_json:
         print(json.dumps(figures, indent=2))
-        return
-    print(f"auto range: {ports} ({ports.size})")
-    print(f"  dynamic range (IANA):      {figures['dynamic']}")
-    print(f"  OS auto-assign range:      {figures['auto_assign'] or 'unknown'} ({system.source})")
-    print(f"  reserved (never assigned): {figures['reserved']}")
-    print(f"  excluded by the OS:        {figures['os_excluded']}")
-    print(f"  excluded ({env_var('exclude')}): {figures['excluded']}")
-    if ports.caveat:
-        print(f"  note: {ports.caveat}")
-    port_range = env.get("port_range")
-    if port_range and str(port_range.value).strip().lower() != "auto":
-        print(f"  note: {env_var('port_range')} is set, so runs with this environment use it")
+        return 0
+    ports = settings.ports
+    print(f"ports a pytest run here leases: {ports} ({ports.size}; {ports.origin})")
+    print(f"config file: {project.config_file or 'none'}")
+    print()
+    red, yellow, cyan, magenta = "\033[31m", "\033[33m", "\033[36m", "\033[35m"
+    rows = [
+        Row("IANA dynamic", IANA_DYNAMIC, format_spans(IANA_DYNAMIC), cyan),
+        Row(
+            "OS auto-assign",
+            system.auto_assign or (),
+            f"{figures['auto_assign'] or 'unknown'} ({system.source})",
+            yellow,
+        ),
+        Row("reserved", system.reserved, f"{figures['reserved']} (never auto-assigned)", cyan),
+        Row("excluded by OS", system.excluded, str(figures["os_excluded"]), red),
+        Row("excluded", exclude, f"{figures['excluded']} ({project.origin('exclude')})", red),
+        Row("auto range", auto.spans, f"{auto} ({auto.size})"),
+    ]
+    if project.origin("port_range") != "default" and ports.spans != auto.spans:
+        rows.append(Row("port range", ports.spans, f"{ports} ({project.origin('port_range')})"))
+    leased_spans = normalize((port, port) for port in leased)
+    leased_text = f"{len(leased)} port{'s' * (len(leased) != 1)}"
+    if leased:
+        leased_text += f": {format_spans(leased_spans)}"
+    rows.append(Row("leased now", leased_spans, f"{leased_text} (in {settings.lock_dir})", magenta))
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR") and _can_encode_blocks()
+    low = axis_low(*(row.spans for row in rows))
+    for line in draw(rows, low, colour):
+        print(line)
+    print()
+    print("settings a pytest run here would use:")
+    width = max(len(str(source["value"])) for source in sources.values())
+    for name, source in sources.items():
+        print(f"  {name:<10}  {source['value']!s:<{width}}  {source['origin']}")
+    if auto.caveat:
+        print(f"note: the auto range falls back to the whole dynamic range: {auto.caveat}")
+    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _can_encode_blocks() -> bool:
+    try:
+        "\N{FULL BLOCK}\N{MIDDLE DOT}".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+class _Version(argparse.Action):
+    """``--version``: the version is read (from the installed metadata, about 50 ms) only when
+    asked for, not on every run of the command."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from . import __version__
+
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pytest-ephemeral", description="Leased network ports for tests: who holds what."
     )
+    parser.add_argument("--version", action=_Version, help="print the installed version and exit")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "-c",
+        "--config-file",
+        metavar="FILE",
+        type=Path,
+        help="read settings from FILE, as pytest -c does (default: the file pytest would find)",
+    )
+    where.add_argument(
+        "--rootdir",
+        metavar="DIR",
+        help="look for the config file from DIR up, as a pytest run started in DIR would"
+        " (default: the current directory)",
+    )
+    where.add_argument("--json", action="store_true", help="print JSON")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = commands.add_parser(
         "status",
+        parents=[where],
         help="list the live leases",
-        description="List the leases held right now: port, pid, host, worker, age, test.",
+        description="List the leases held right now in the lock dir a pytest run here would"
+        " use: port, pid, host, worker, age, test. --json prints a list, one object each.",
     )
-    status.add_argument(
-        "--lock-dir",
-        type=Path,
-        help=f"lock dir to read (default: ${env_var('lock_dir')}, else {default_lock_dir()})",
-    )
-    status.add_argument("--json", action="store_true", help="print a JSON list, one object each")
-    ranges = commands.add_parser(
+    status.add_argument("--lock-dir", type=Path, help="read this lock dir instead")
+    commands.add_parser(
         "range",
-        help="show the auto range and how it was derived",
-        description="Show the auto port range on this machine and how it was derived.",
+        parents=[where],
+        help="show the ports a pytest run here would lease, and why",
+        description="Show the port space, the ports a pytest run here would lease, the ports"
+        " leased right now, and where each setting came from.",
     )
-    ranges.add_argument("--json", action="store_true", help="print a JSON object")
     # `run` parses its own arguments (pytest_ephemeral/_run.py): listed here for --help only.
     commands.add_parser("run", help="lease ports and run a command with them", add_help=False)
+    return parser
+
+
+def _run(argv: Sequence[str]) -> int:
+    """``pytest-ephemeral run``, with the config file a pytest run here would read."""
+    from ._run import main as run
+
+    try:
+        config_file, section = project_config(Path.cwd(), None)
+        layer = config_file_layer(config_file, section)
+    except ConfigError as error:
+        print(f"pytest-ephemeral run: error: {error}", file=sys.stderr)
+        return 2
+    return run(argv, config=(layer,))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
-        from ._run import main as run
-
-        return run(argv[1:])
+        return _run(argv[1:])
+    parser = _parser()
     args = parser.parse_args(argv)
-    env = env_layer(os.environ)  # the plugin's environment variables, read the plugin's way
     try:
-        if args.command == "status":
-            env_dir = env.get("lock_dir")
-            lock_dir = args.lock_dir or Path(str(env_dir.value) if env_dir else default_lock_dir())
-            _status(lock_dir, args.json)
-        else:
-            _range(env, args.json)
-    except (ConfigError, OSError) as error:
-        parser.exit(2, f"pytest-ephemeral: error: {error}\n")
-    return 0
+        try:
+            first: Layer = {}
+            if getattr(args, "lock_dir", None) is not None:
+                first = {"lock_dir": Raw(str(args.lock_dir), "option --lock-dir")}
+            project = _Project(args, first)
+            command = _status if args.command == "status" else _range
+            code = command(project, args.json)
+        except ConfigError as error:
+            parser.exit(2, f"pytest-ephemeral: error: {error}\n")
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            parser.exit(1, f"pytest-ephemeral: error: {error}\n")
+        sys.stdout.flush()  # here, so that a closed pipe is seen while it can still be handled
+    except BrokenPipeError:
+        # The reader went away (``| head``): not an error. Point stdout at devnull so that the
+        # flush at interpreter exit does not fail again and print a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code

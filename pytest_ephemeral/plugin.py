@@ -315,7 +315,10 @@ _OUTER_LAYERS = pytest.StashKey["tuple[Layer, ...] | None"]()
 
 
 def _cli_layer(config: pytest.Config) -> Layer:
-    layer = {}
+    """``--ephemeral-*`` options, then ``-o ephemeral_*`` ones: what the user typed wins."""
+    from ._configfile import override_layer
+
+    layer = dict(override_layer(config.option.override_ini))
     for name in NAMES:
         value = getattr(config.option, f"ephemeral_{name}", None)
         if value is not None:
@@ -324,9 +327,15 @@ def _cli_layer(config: pytest.Config) -> Layer:
 
 
 def _ini_layer(config: pytest.Config) -> Layer:
+    from ._configfile import override_layer
+
+    # Given with -o: in _cli_layer, or cleared by an empty -o ephemeral_X=, as pytest clears it
+    overridden = override_layer(config.option.override_ini, keep_empty=True)
     layer = {}
     for name in NAMES:
         key = f"ephemeral_{name}"
+        if name in overridden:
+            continue
         try:
             value = config.getini(key)
         except (TypeError, ValueError, pytest.UsageError) as error:  # pytest >= 9.2 wraps them

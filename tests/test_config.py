@@ -112,6 +112,64 @@ def test_precedence_command_line_then_environment_then_config_file(
     assert "61200-61299 (100 ports; set by command-line option" in header(result)
 
 
+def test_o_and_options_beat_the_environment_which_beats_the_config_file(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run.makefile(".ini", pytest="[pytest]\nephemeral_port_range = 61000-61099\n")
+    monkeypatch.setenv(ENV_RANGE, "61100-61199")
+    result = run.runpytest("-o", "ephemeral_port_range=61200-61299")
+    assert "61200-61299 (100 ports; set by command-line option -o ephemeral_port_range)" in header(
+        result
+    )
+    result = run.runpytest(
+        "-o", "ephemeral_port_range=61200-61299", "--ephemeral-port-range=61300-61399"
+    )
+    assert "61300-61399 (100 ports; set by command-line option --ephemeral-port-range" in header(
+        result
+    )
+    monkeypatch.delenv(ENV_RANGE)
+    result = run.runpytest("-o", "ephemeral_port_range=61200-61299")
+    assert "61200-61299 (100 ports; set by command-line option -o" in header(result)
+
+
+def test_an_empty_o_clears_the_config_file_value(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run.makefile(".ini", pytest="[pytest]\nephemeral_port_range = 61000-61099\n")
+    monkeypatch.delenv(ENV_RANGE)
+    assert "(100 ports; set by ephemeral_port_range in config file" in header(run.runpytest())
+    assert "; auto: 49152-65535" in header(run.runpytest("-o", "ephemeral_port_range="))
+    monkeypatch.setenv(ENV_RANGE, "61100-61199")
+    result = run.runpytest("-o", "ephemeral_port_range=")
+    assert "61100-61199 (100 ports; set by environment variable" in header(result)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "ephemeral_port_range=abc",
+            "ERROR: bad value 'abc' from command-line option -o ephemeral_port_range: *",
+        ),
+        (
+            "ephemeral_timeout=soon",
+            "ERROR: bad value 'soon' from command-line option -o ephemeral_timeout:"
+            " not a number of seconds",
+        ),
+    ],
+)
+@pytest.mark.parametrize("config_file", [True, False])
+def test_a_bad_o_value_is_blamed_on_o(
+    run: pytest.Pytester, override: str, expected: str, config_file: bool
+) -> None:
+    if config_file:
+        run.makefile(".ini", pytest="[pytest]\nephemeral_timeout = 3\n")
+    result = run.runpytest("-o", override)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([expected])
+    assert "config file" not in result.stderr.str()
+
+
 @pytest.mark.parametrize(
     ("filename", "text"),
     [
