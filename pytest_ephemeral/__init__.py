@@ -10,8 +10,6 @@ from ._errors import ConfigError, EphemeralError, LockDirError, PortsExhausted
 
 TYPE_CHECKING = False  # not typing's: importing typing would be most of this module's cost
 if TYPE_CHECKING:
-    from typing import Any
-
     from ._api import lease_block, lease_port
     from .plugin import EphemeralPortWarning, PortFactory
 
@@ -36,17 +34,23 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name == "__version__":  # read from the installed metadata on first use, then kept
-        from importlib.metadata import PackageNotFoundError, version
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])
 
-        try:
-            globals()["__version__"] = version("pytest-ephemeral")
-        except PackageNotFoundError:  # run from a source tree that was never installed
-            globals()["__version__"] = "0+unknown"
-        return globals()["__version__"]
-    if name in _LAZY:
-        import importlib
 
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if not TYPE_CHECKING:  # for type checkers the names above are all there is: a typo is an error
+
+    def __getattr__(name):
+        if name == "__version__":  # read from the installed metadata on first use, then kept
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                globals()["__version__"] = version("pytest-ephemeral")
+            except PackageNotFoundError:  # run from a source tree that was never installed
+                globals()["__version__"] = "0+unknown"
+            return globals()["__version__"]
+        if name in _LAZY:
+            import importlib
+
+            return getattr(importlib.import_module(_LAZY[name], __name__), name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ from os import PathLike
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
-from ._errors import EphemeralError
+from ._errors import LockDirError, PortsExhausted
 from ._settings import NAMES, Raw, Settings, env_layer, env_var, resolve, session_layers
 
 if TYPE_CHECKING:
@@ -23,9 +23,13 @@ if TYPE_CHECKING:
 Protocol = Literal["tcp", "udp", "both"]
 _ENV_NAMES = tuple(env_var(name) for name in NAMES)
 _ADVICE = (
-    "Pass port_range=, exclude=, lock_dir=, host= or timeout= to lease_port()/lease_block(), or"
-    " set PYTEST_EPHEMERAL_PORT_RANGE, ..._EXCLUDE, ..._LOCK_DIR, ..._HOST or ..._TIMEOUT;"
-    " `pytest-ephemeral status` shows who holds ports."
+    "Widen the range (port_range= or PYTEST_EPHEMERAL_PORT_RANGE), wait longer (timeout= or"
+    " PYTEST_EPHEMERAL_TIMEOUT), release ports sooner, or see who holds them with"
+    " `pytest-ephemeral status`."
+)
+_LOCK_DIR_ADVICE = (
+    "Fix this and try again, or choose another lock dir with lock_dir= or"
+    " PYTEST_EPHEMERAL_LOCK_DIR."
 )
 _resolved: dict[tuple[object, ...], Settings] = {}
 _resolved_mutex = threading.Lock()
@@ -65,7 +69,10 @@ class _Leased:
             settings = _settings(self._arguments)
             self._allocator = allocator_for(settings.lock_dir, settings.lock_dir_given)
             self._ports = self._allocator.lease_block(self._n, settings, self._protocol)
-        except EphemeralError as error:
+        except LockDirError as error:
+            error.advice = error.advice or _LOCK_DIR_ADVICE
+            raise
+        except PortsExhausted as error:
             error.advice = error.advice or _ADVICE
             raise
         return self._ports

@@ -80,7 +80,7 @@ def parse_spans(text: str) -> Spans:
         item = item.strip()
         if not item:
             continue
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
+        match = re.fullmatch(r"([0-9]+)(?:\s*-\s*([0-9]+))?", item)  # ASCII digits only
         if match is None:
             raise ValueError(f"{item!r} is not a port or a LOW-HIGH range")
         low = int(match[1])

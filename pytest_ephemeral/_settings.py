@@ -141,14 +141,17 @@ def _describe(raw: Raw) -> str:
 
 
 def _parse(raw: Raw, parser: Callable[[str], Spans], expected: str) -> Spans:
+    value = raw.value
+    # A TOML list (native [tool.pytest] table): [61005, "62000-62099"]
+    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
     try:
-        return parser(str(raw.value))
+        return parser(text)
     except ValueError as error:
         raise ConfigError(f"bad value {_describe(raw)}: {error} (expected {expected})") from None
 
 
 def _parse_low_high(text: str) -> Spans:
-    if not re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", text):
+    if not re.fullmatch(r"\s*[0-9]+\s*-\s*[0-9]+\s*", text):
         raise ValueError(f"{text!r} is not LOW-HIGH")
     return parse_spans(text)
 

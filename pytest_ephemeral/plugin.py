@@ -20,7 +20,7 @@ from uuid import uuid4
 
 import pytest
 
-from ._errors import ConfigError, EphemeralError, LockDirError
+from ._errors import ConfigError, LockDirError, PortsExhausted
 from ._holder import Holder, this_process
 from ._settings import (
     NAMES,
@@ -75,10 +75,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(
             _option(name), dest=f"ephemeral_{name}", metavar=_METAVAR[name], help=help_text
         )
-        if name == "timeout":  # a number in pytest 9's native TOML table: ephemeral_timeout = 3
-            parser.addini(f"ephemeral_{name}", _HELP[name], type="float", default=None)
-        else:
-            parser.addini(f"ephemeral_{name}", _HELP[name], type="string", default=None)
+        # Registered so that --strict-config knows them; their values are read by _ini_layer.
+        parser.addini(f"ephemeral_{name}", _HELP[name], type="string", default=None)
 
 
 class EphemeralPortWarning(pytest.PytestWarning):
@@ -234,10 +232,11 @@ class _Session:
             ports = allocator.lease_block(
                 n, self.settings, protocol, nodeid, self.holder, self._stats
             )
-        except EphemeralError as error:
-            error.advice = error.advice or (
-                _LOCK_DIR_ADVICE if isinstance(error, LockDirError) else _ADVICE
-            )
+        except LockDirError as error:
+            error.advice = error.advice or _LOCK_DIR_ADVICE
+            raise
+        except PortsExhausted as error:
+            error.advice = error.advice or _ADVICE
             raise
         self.ended.difference_update(ports)
         return ports
@@ -327,33 +326,24 @@ def _cli_layer(config: pytest.Config) -> Layer:
 
 
 def _ini_layer(config: pytest.Config) -> Layer:
-    from ._configfile import override_layer
+    """The config file's ``ephemeral_*`` values, read as the CLI reads them: pytest's typed ini
+    values are strict both ways, and ``ephemeral_timeout = "3"`` or a list of exclusions in a
+    native ``[tool.pytest]`` table must work as well as in an ini file."""
+    from ._configfile import config_file_layer, override_layer, read_pytest_section
 
+    if config.inipath is None:
+        return {}
     # Given with -o: in _cli_layer, or cleared by an empty -o ephemeral_X=, as pytest clears it
     overridden = override_layer(config.option.override_ini, keep_empty=True)
-    layer = {}
-    for name in NAMES:
-        key = f"ephemeral_{name}"
-        if name in overridden:
-            continue
-        try:
-            value = config.getini(key)
-        except (TypeError, ValueError, pytest.UsageError) as error:  # pytest >= 9.2 wraps them
-            problem = str(error).removeprefix(f"{config.inipath}: ")
-            raise pytest.UsageError(f"bad value for {key} in {config.inipath}: {problem}") from None
-        if value is None or value == "":
-            continue
-        if name == "lock_dir" and config.inipath is not None:
-            value = str(config.inipath.parent / value)  # relative to the file, as paths there are
-        layer[name] = Raw(value, f"{key} in config file {config.inipath}")
-    return layer
+    layer = config_file_layer(config.inipath, read_pytest_section(config.inipath))
+    return {name: raw for name, raw in layer.items() if name not in overridden}
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.option.help or config.option.version:
         return  # the help that explains a bad setting must show despite it
-    layers = (_cli_layer(config), env_layer(os.environ), _ini_layer(config))
     try:
+        layers = (_cli_layer(config), env_layer(os.environ), _ini_layer(config))
         settings = resolve(*layers)
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None

@@ -144,8 +144,30 @@ def test_public_names() -> None:
     for name in pytest_ephemeral.__all__:
         assert getattr(pytest_ephemeral, name).__module__ == "pytest_ephemeral", name
     assert issubclass(pytest_ephemeral.EphemeralPortWarning, pytest.PytestWarning)
-    with pytest.raises(AttributeError):
-        pytest_ephemeral.nothing_here  # noqa: B018
+    misspelt = "lease_prot"
+    with pytest.raises(AttributeError, match="has no attribute 'lease_prot'"):
+        getattr(pytest_ephemeral, misspelt)
+    assert dir(pytest_ephemeral) == sorted([*pytest_ephemeral.__all__, "__version__"])
+
+
+def test_type_checkers_see_the_public_names_and_refuse_typos(tmp_path: Path) -> None:
+    from mypy import api
+
+    (tmp_path / "user.py").write_text(
+        "import pytest_ephemeral\n"
+        "from pytest_ephemeral import lease_port\n"
+        "reveal_type(pytest_ephemeral.PortFactory.block)\n"
+        "pytest_ephemeral.lease_prot\n"
+        "with lease_port(protocol='sctp') as port:\n"
+        "    pass\n"
+    )
+    out, _, status = api.run(
+        ["--strict", "--cache-dir", str(tmp_path / "cache"), str(tmp_path / "user.py")]
+    )
+    assert status == 1
+    assert 'Module has no attribute "lease_prot"' in out
+    assert "Literal['tcp', 'udp', 'both']" in out  # protocol is typed in the public signatures
+    assert "incompatible type \"Literal['sctp']\"" in out
 
 
 def test_importing_the_package_loads_neither_pytest_nor_filelock() -> None:
@@ -273,3 +295,19 @@ def test_a_port_locked_by_an_external_flock_is_never_leased(
     after = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
     after.assert_outcomes(passed=6)
     assert set(holds_file.read_text().split()) == {str(kept), str(other)}
+
+
+def test_exhaustion_in_a_script_names_arguments_not_options(private_range: MakeRange) -> None:
+    private = private_range(1)
+    with lease_port(port_range=private.spec, lock_dir=private.lock_dir, timeout=0) as port:
+        assert port == private.ports[0]
+        with (
+            pytest.raises(PortsExhausted) as caught,
+            lease_port(port_range=private.spec, lock_dir=private.lock_dir, timeout=0),
+        ):
+            pass
+    message = str(caught.value)
+    assert "port_range= or PYTEST_EPHEMERAL_PORT_RANGE" in message
+    assert "--ephemeral" not in message
+    assert "lower -n" not in message
+    assert caught.value.held_here == 1

@@ -77,7 +77,12 @@ def run(pytester: pytest.Pytester) -> pytest.Pytester:
         (["--ephemeral-timeout=-1"], {}, "", "'-1' from command-line option --ephemeral-timeout"),
         (["--ephemeral-timeout=inf"], {}, "", "the timeout must be a finite number >= 0"),
         ([], {"PYTEST_EPHEMERAL_TIMEOUT": "soon"}, "", "'soon' from environment variable"),
-        ([], {}, "ephemeral_timeout = soon", "bad value for ephemeral_timeout in *tox.ini"),
+        (
+            [],
+            {},
+            "ephemeral_timeout = soon",
+            "bad value 'soon' from ephemeral_timeout in config file *tox.ini: not a number of*",
+        ),
     ],
 )
 def test_bad_value_is_a_usage_error_naming_its_source(
@@ -198,11 +203,44 @@ def test_every_config_file_format(run: pytest.Pytester, filename: str, text: str
 
 
 @NEEDS_NATIVE_TOML
-def test_native_toml_timeout_must_be_a_number(run: pytest.Pytester) -> None:
-    (run.path / "pyproject.toml").write_text('[tool.pytest]\nephemeral_timeout = "3"\n')
+def test_native_toml_takes_strings_numbers_and_lists(run: pytest.Pytester) -> None:
+    (run.path / "pyproject.toml").write_text(
+        '[tool.pytest]\nephemeral_timeout = "3"\nephemeral_exclude = [61005, "62000-62099"]\n'
+    )
     result = run.runpytest()
+    assert result.ret == pytest.ExitCode.OK
+    assert "minus excluded 61005,62000-62099" in header(result)
+    assert header(result).endswith(", timeout: 3 s")
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["--ephemeral-timeout=soon", "-o", "env", "ini"],
+    ids=["option", "-o", "environment", "config-file"],
+)
+def test_a_bad_timeout_reads_the_same_from_every_source(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    args = [where] if where.startswith("--") else []
+    if where == "-o":
+        args = ["-o", "ephemeral_timeout=soon"]
+    elif where == "env":
+        monkeypatch.setenv("PYTEST_EPHEMERAL_TIMEOUT", "soon")
+    elif where == "ini":
+        run.makefile(".ini", pytest="[pytest]\nephemeral_timeout = soon\n")
+    result = run.runpytest(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: bad value for ephemeral_timeout in *pyproject.toml*"])
+    result.stderr.fnmatch_lines(["ERROR: bad value 'soon' from *: not a number of seconds"])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["\uff12\uff11\uff10\uff10\uff10-\uff12\uff11\uff10\uff11\uff10", "61\u0660\u0660\u0660-61010"],
+)
+def test_ranges_take_ascii_digits_only(run: pytest.Pytester, spec: str) -> None:
+    result = run.runpytest(f"--ephemeral-port-range={spec}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: bad value * is not LOW-HIGH*"])
 
 
 # --- The lock directory ---------------------------------------------------------------------

@@ -339,3 +339,183 @@ def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'free_port' not found*"])
     assert "ephemeral ports:" not in result.stdout.str()
+
+
+# --- Where leak warnings land, and the per-test factory -------------------------------------
+
+LEAKY_SESSION = """
+import socket
+import pytest
+
+KEEP = []
+
+
+def leak_udp(port):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    KEEP.append(sock)  # left bound until the session ends
+
+
+@pytest.fixture(scope="session")
+def cluster(port_factory):
+    leak_udp(port_factory(protocol="udp"))
+
+
+def test_leaky(port_factory):
+    leak_udp(port_factory(protocol="udp"))
+
+
+def test_uses_the_cluster(cluster):
+    pass
+
+
+def test_innocent():
+    pass
+"""
+
+
+@pytest.mark.parametrize("mode", [["-p", "no:xdist"], ["-n", "2"]], ids=" ".join)
+def test_session_end_leaks_land_on_who_leased_never_on_an_innocent_test(
+    pytester: pytest.Pytester, mode: list[str]
+) -> None:
+    pytester.makepyfile(test_leaks=LEAKY_SESSION)
+    result = pytester.runpytest_subprocess(
+        *mode, "-v", "-W", "error::pytest_ephemeral.EphemeralPortWarning", timeout=120
+    )
+    result.assert_outcomes(passed=3, warnings=2)  # no test failed, though warnings are errors
+    out = result.stdout.str()
+    summary = out[out.index("warnings summary") :]
+    assert "test_innocent" not in summary
+    result.stdout.fnmatch_lines(
+        [
+            "test_leaks.py::test_leaky",
+            "*EphemeralPortWarning: port *, leased by test_leaks.py::test_leaky, is still bound"
+            " (UDP) after its lease ended*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "test_leaks.py::test_uses_the_cluster",
+            "*EphemeralPortWarning: port *, leased by fixture 'cluster' (set up for"
+            " test_leaks.py::test_uses_the_cluster), is still bound (UDP)*",
+        ]
+    )
+    result.stdout.fnmatch_lines(["ephemeral ports: * 2 leak warnings"])
+
+
+SLOW_TO_STOP = """
+import socket
+import threading
+import time
+import pytest
+
+
+@pytest.fixture
+def server(free_port):
+    listener = socket.create_server(("127.0.0.1", free_port))
+
+    def stop_a_moment_later():  # what pytest-localserver's stop() leaves behind
+        time.sleep(0.005)
+        listener.close()
+
+    yield free_port
+    threading.Thread(target=stop_a_moment_later).start()
+
+
+@pytest.fixture
+def leaked(free_port):
+    listener = socket.create_server(("127.0.0.1", free_port))
+    yield listener
+    # never closed before the lease ends: a real leak
+
+
+@pytest.mark.parametrize("i", range(20))
+def test_stopping(server, i):
+    pass
+
+
+def test_really_leaks(leaked):
+    pass
+"""
+
+
+def test_a_listener_already_closing_is_not_called_a_leak(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(SLOW_TO_STOP)
+    result = pytester.runpytest_subprocess("-p", "no:xdist", timeout=120)
+    result.assert_outcomes(passed=21, warnings=1)
+    result.stdout.fnmatch_lines(["*port *, leased by *test_really_leaks, is still listening*"])
+
+
+def test_free_ports_leases_for_one_test(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                                        private_range: MakeRange) -> None:  # fmt: skip
+    private = private_range(6)
+    monkeypatch.setenv("LOCK_DIR", str(private.lock_dir))
+    pytester.makepyfile(
+        """
+        import os
+        import socket
+        import pytest
+        from pytest_ephemeral import PortFactory
+        from pytest_ephemeral._lockfile import read_live_record
+
+        HELD = []
+
+        @pytest.fixture
+        def released_after():  # set up first, so torn down after free_ports
+            yield
+            for port in HELD:
+                assert read_live_record(os.environ["LOCK_DIR"], port) is None, port
+
+        def test_ports(released_after, free_ports: PortFactory, request):
+            block = free_ports.block(2)
+            assert block[1] == block[0] + 1
+            udp = free_ports(protocol="udp")
+            sock = free_ports.socket(protocol="udp")
+            HELD.extend([*block, udp, sock.getsockname()[1]])
+            for port in HELD:
+                record = read_live_record(os.environ["LOCK_DIR"], port)
+                assert record["nodeid"] == request.node.nodeid
+            free_ports.release(block[0])
+            assert read_live_record(os.environ["LOCK_DIR"], block[0]) is None
+            with pytest.raises(ValueError, match=f"port {block[0]} was already released"):
+                free_ports.release(block[0])
+
+        def test_leaks_are_this_tests(free_ports):
+            leftover = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            leftover.bind(("127.0.0.1", free_ports(protocol="udp")))
+            pytest.leftover = leftover
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result.assert_outcomes(passed=2, warnings=1)
+    result.stdout.fnmatch_lines(
+        ["*::test_leaks_are_this_tests", "*leased by *::test_leaks_are_this_tests, is still bound*"]
+    )
+
+
+def test_bad_arguments_get_one_clear_sentence(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        from pytest_ephemeral import ConfigError
+
+        @pytest.mark.parametrize(
+            ("call", "error", "message"),
+            [
+                (lambda f: f(protocol="sctp"), ConfigError, "protocol must be 'tcp', 'udp' or"),
+                (lambda f: f(protocol="TCP"), ConfigError, "not 'TCP'"),
+                (lambda f: f.block(2.0), TypeError, "must be an int, not float"),
+                (lambda f: f.block("3"), TypeError, "must be an int, not str"),
+                (lambda f: f.block(0), ConfigError, "at least one port, not 0"),
+                (lambda f: f.socket(protocol="both"), ConfigError, "'tcp' or 'udp', not 'both'"),
+            ],
+        )
+        def test_bad(free_ports, call, error, message):
+            with pytest.raises(error, match=message) as caught:
+                call(free_ports)
+            assert "\\n" not in str(caught.value)
+            assert isinstance(caught.value, ValueError) == (error is ConfigError)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", timeout=120)
+    result.assert_outcomes(passed=6)
