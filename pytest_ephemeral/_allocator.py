@@ -28,7 +28,7 @@ from ._errors import ConfigError, EphemeralError, LockDirError, PortsExhausted
 from ._holder import Holder, this_process
 from ._lockdir import Prepared, identity, prepare
 from ._lockfile import Unusable, read_live_record, try_lock, unlock, write_record
-from ._probe import FORBIDDEN, FREE, Targets, bind_targets, probe, socket_kinds
+from ._probe import BUSY, FORBIDDEN, FREE, Targets, bind_targets, probe, socket_kinds
 from ._ranges import PortRange
 from ._settings import Settings
 
@@ -182,7 +182,9 @@ class PortAllocator:
             with self._mutex:
                 self._ensure_dir()
                 try:
-                    leased = self._walk(n, ports, kinds, targets, nodeid, holder, seen)
+                    leased = self._walk(
+                        n, ports, kinds, targets, nodeid, holder, seen, settings.reuse_addr
+                    )
                 except _DirGone:
                     self._recover()
                     continue
@@ -300,6 +302,7 @@ class PortAllocator:
         nodeid: str | None,
         holder: Holder,
         seen: _Pass,
+        reuse: bool,
     ) -> list[int] | None:
         """One pass over the range from the cursor; lease and return ``n`` consecutive ports."""
         numbers, size = ports.ports, len(ports)
@@ -317,7 +320,9 @@ class PortAllocator:
             taken: list[Lease] = []
             try:
                 for index in range(first, first + n):
-                    lease = self._try(numbers[index], kinds, targets, nodeid, holder, seen, thread)
+                    lease = self._try(
+                        numbers[index], kinds, targets, nodeid, holder, seen, thread, reuse
+                    )
                     if lease is None:
                         break
                     taken.append(lease)
@@ -345,6 +350,7 @@ class PortAllocator:
         holder: Holder,
         seen: _Pass,
         thread: int,
+        reuse: bool,
     ) -> Lease | None:
         mine = self._held.get(port)
         if mine is not None:
@@ -366,6 +372,8 @@ class PortAllocator:
         pid = os.getpid()
         try:
             verdict = probe(port, kinds, targets)
+            if verdict == BUSY and reuse and _reusable(port, kinds, targets):
+                verdict = FREE
             if verdict == FREE:
                 try:
                     write_record(fd, holder, port, nodeid, time.time())
@@ -446,6 +454,16 @@ def _void_record(fd: int) -> None:
         os.write(fd, b"\n\n")
     except OSError:
         pass
+
+
+def _reusable(port: int, kinds: tuple[socket.SocketKind, ...], targets: Targets) -> bool:
+    """Busy to a plain bind, but free for servers that set SO_REUSEADDR (the setting reuse_addr):
+    only TIME_WAIT or connections on TCP, and a free port for UDP if asked for too."""
+    from ._leakcheck import reusable
+
+    if socket.SOCK_DGRAM in kinds and probe(port, (socket.SOCK_DGRAM,), targets) != FREE:
+        return False
+    return reusable(port, targets)
 
 
 def _forbidden_reason(port: int) -> str:

@@ -141,6 +141,7 @@ def _sources(project: _Project, settings: Settings, exclude: str) -> dict[str, d
         "lock_dir": settings.lock_dir,
         "host": settings.host,
         "timeout": settings.timeout,
+        "reuse_addr": settings.reuse_addr,
     }
     return {name: {"value": values[name], "origin": project.origin(name)} for name in NAMES}
 

@@ -132,6 +132,16 @@ def tcp_states(port: int, wanted: int = _ALL_STATES) -> list[int] | None:
     return [state for state in _states_by_proc(port) if wanted & (1 << state)]
 
 
+def reusable(port: int, targets: Targets) -> bool:
+    """Whether a server that sets ``SO_REUSEADDR`` can bind and listen on ``port`` though a plain
+    bind fails: nothing listens there and every other socket on it set ``SO_REUSEADDR`` (the
+    TIME_WAIT and connections such a server leaves). Linux only: elsewhere ``SO_REUSEADDR`` means
+    other things (on Windows it would even steal a bound port), so never."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return tcp_states(port, _LISTENERS) == [] and binds_with_reuse(port, targets)
+
+
 def _tcp_use(port: int, host: str, targets: Targets) -> str | None:
     listeners = tcp_states(port, _LISTENERS)
     if listeners is None:

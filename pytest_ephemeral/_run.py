@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lock_dir": ("DIR", "lock dir shared with the test runs"),
         "host": ("ADDRESS", "local address ports are also bind-checked on"),
         "timeout": ("SECONDS", "how long to wait while others hold every port"),
+        "reuse_addr": ("yes|no", "the command's servers set SO_REUSEADDR: TIME_WAIT ports may do"),
     }
     for name in NAMES:
         metavar, meaning = meanings[name]

@@ -31,7 +31,7 @@ from ._ranges import (
     subtract,
 )
 
-NAMES = ("port_range", "exclude", "lock_dir", "host", "timeout")
+NAMES = ("port_range", "exclude", "lock_dir", "host", "timeout", "reuse_addr")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_TIMEOUT = 10.0
 
@@ -56,6 +56,9 @@ class Settings(NamedTuple):
     timeout: float
     #: Whether the lock dir was given (kept as it is) or is the default (kept private).
     lock_dir_given: bool = False
+    #: The servers under test set SO_REUSEADDR: a port left only in TIME_WAIT (or connections) by
+    #: such a server is free for them, so it may be leased (Linux; elsewhere no effect).
+    reuse_addr: bool = False
 
 
 #: While a pytest session is configured in this process, its layers (command line, environment,
@@ -128,6 +131,7 @@ def resolve(*layers: Layer) -> Settings:
         host=_host(pick("host")),
         timeout=_timeout(pick("timeout")),
         lock_dir_given=given,
+        reuse_addr=_bool(pick("reuse_addr")),
     )
 
 
@@ -176,6 +180,20 @@ def _check_bindable(ports: PortRange, raw: Raw) -> None:
     raise ConfigError(
         f"bad value {_describe(raw)}: this process may not bind ports in it: {causes[0]}{hint}"
     )
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _bool(raw: Raw | None) -> bool:
+    if raw is None:
+        return False
+    if isinstance(raw.value, bool):  # a native TOML boolean
+        return raw.value
+    text = str(raw.value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"bad value {_describe(raw)}: not yes or no (or true/false, 1/0, on/off)")
 
 
 def _timeout(raw: Raw | None) -> float:

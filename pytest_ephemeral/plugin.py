@@ -49,6 +49,8 @@ _HELP = {
     "host": "Local address leased ports are bind-checked on, and free_socket binds to."
     " Default: 127.0.0.1",
     "timeout": "Seconds to wait for a port while other runs hold them all. Default: 10",
+    "reuse_addr": "yes if the servers under test set SO_REUSEADDR: a port left only in TIME_WAIT"
+    " by such a server may then be leased (Linux). Default: no",
 }
 _METAVAR = {
     "port_range": "LOW-HIGH|auto",
@@ -56,6 +58,7 @@ _METAVAR = {
     "lock_dir": "PATH",
     "host": "ADDRESS",
     "timeout": "SECONDS",
+    "reuse_addr": "yes|no",
 }
 _ADVICE = (
     "Widen the range (--ephemeral-port-range), lower -n, release ports sooner, or look for"

@@ -21,6 +21,7 @@ from .helpers import Leaser
 
 
 def allocator(private: PrivateRange, exclude: str = "", timeout: float = 0) -> Leaser:
+    """Leases in a private range, through this process's allocator for its lock dir."""
     given = {
         "port_range": Raw(private.spec, "test"),
         "lock_dir": Raw(str(private.lock_dir), "test"),
@@ -228,3 +229,60 @@ def test_a_forked_child_never_unlocks_its_parents_lease(private_range: MakeRange
     assert record["pid"] == os.getpid()  # still held here, by this process
     parent.release(port)
     assert read_live_record(str(private.lock_dir), port) is None
+
+
+def time_wait_on(port: int) -> None:
+    """Leave ``port`` in TIME_WAIT as a server that sets SO_REUSEADDR and closes first does."""
+    with socket.create_server(("127.0.0.1", port)) as server:
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()
+        client.close()
+
+
+def reusing(private: PrivateRange) -> Leaser:
+    given = {
+        "port_range": Raw(private.spec, "test"),
+        "lock_dir": Raw(str(private.lock_dir), "test"),
+        "timeout": Raw(0, "test"),
+        "reuse_addr": Raw("yes", "test"),
+    }
+    return Leaser(resolve(given))
+
+
+LINUX_ONLY = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="SO_REUSEADDR semantics of Linux"
+)
+
+
+@LINUX_ONLY
+def test_reuse_addr_lets_servers_that_set_it_have_a_port_in_time_wait(
+    private_range: MakeRange,
+) -> None:
+    private = private_range(1)
+    port = private.ports[0]
+    time_wait_on(port)
+    with pytest.raises(PortsExhausted, match="1 bound by other programs or in TIME_WAIT"):
+        allocator(private).lease()
+    leases = reusing(private)
+    assert leases.lease() == port
+    with socket.create_server(("127.0.0.1", port)) as server:  # SO_REUSEADDR: it binds
+        assert server.getsockname()[1] == port
+    leases.release(port)
+
+
+@LINUX_ONLY
+@pytest.mark.parametrize("holder", ["listener", "bound", "bound-udp"])
+def test_reuse_addr_still_refuses_listeners_and_bound_sockets(
+    private_range: MakeRange, holder: str
+) -> None:
+    private = private_range(1)
+    port = private.ports[0]
+    kind = socket.SOCK_DGRAM if holder == "bound-udp" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, holder == "listener")
+        sock.bind(("127.0.0.1", port))
+        if holder == "listener":
+            sock.listen()
+        with pytest.raises(PortsExhausted, match="1 bound by other programs"):
+            reusing(private).lease("udp" if holder == "bound-udp" else "tcp")

@@ -304,3 +304,44 @@ def test_lease_port_during_a_session_uses_its_settings(
     )
     result = run.runpytest_subprocess("-p", "no:xdist", "test_inside.py")
     result.assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "expected"),
+    [
+        ("option", "yes", True),
+        ("option", "maybe", None),
+        ("env", "1", True),
+        ("env", "off", False),
+        ("ini", "true", True),
+    ],
+)
+def test_reuse_addr_takes_yes_or_no_from_every_source(
+    run: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    value: str,
+    expected: bool | None,
+) -> None:
+    args = []
+    if where == "option":
+        args = [f"--ephemeral-reuse-addr={value}"]
+    elif where == "env":
+        monkeypatch.setenv("PYTEST_EPHEMERAL_REUSE_ADDR", value)
+    else:
+        run.makefile(".ini", pytest=f"[pytest]\nephemeral_reuse_addr = {value}\n")
+    run.makeconftest(
+        """
+        def pytest_report_header(config):
+            from pytest_ephemeral.plugin import _FACTORY
+            return f"reuse_addr={config.stash[_FACTORY]._session.settings.reuse_addr}"
+        """
+    )
+    result = run.runpytest(*args)
+    if expected is None:
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(
+            ["ERROR: bad value 'maybe' from command-line option --ephemeral-reuse-addr: not yes*"]
+        )
+    else:
+        result.stdout.fnmatch_lines([f"reuse_addr={expected}"])
