@@ -18,6 +18,7 @@ from uuid import uuid4
 
 import pytest
 
+from . import _adopt
 from ._errors import ConfigError
 from ._holder import Holder, this_process
 from ._settings import (
@@ -68,6 +69,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             parser.addini(f"ephemeral_{name}", _HELP[name], type="float", default=None)
         else:
             parser.addini(f"ephemeral_{name}", _HELP[name], type="string", default=None)
+    group.addoption(_adopt.OPTION, dest="ephemeral_adopt", metavar="NAMES", help=_adopt.HELP)
+    parser.addini(_adopt.INI, _adopt.HELP, type="string", default=None)
 
 
 class EphemeralPortWarning(pytest.PytestWarning):
@@ -194,6 +197,7 @@ def pytest_configure(config: pytest.Config) -> None:
     state = _State(settings, holder)
     state.outer_layers = push_session_layers(layers)  # lease_port() in this session uses them
     config.stash[_STATE] = state
+    _adopt.configure(config, state)  # adapters for other port helpers (setting adopt)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
