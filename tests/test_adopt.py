@@ -317,6 +317,23 @@ def test_library_adapters_lease_in_every_process(
 
 
 @pytest.mark.usefixtures("ini")
+def test_a_copy_made_before_the_session_is_replaced_too(
+    pytester: pytest.Pytester, private_range: MakeRange
+) -> None:
+    """aiohttp's pytest plugin, loaded by -p before the session is configured, copied
+    ``unused_port`` with ``from .test_utils import unused_port``: its fixture leases too."""
+    private = private_range(2)
+    pytester.makepyfile(
+        f"""
+        def test_fixture(aiohttp_unused_port):
+            assert aiohttp_unused_port() in {private.ports!r}
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "aiohttp.pytest_plugin", *private.args)
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.usefixtures("ini")
 def test_library_ports_last_as_long_as_the_scope_that_asked(
     pytester: pytest.Pytester, private_range: MakeRange
 ) -> None:
