@@ -16,15 +16,6 @@ from pytest_ephemeral._settings import Raw
 from .conftest import MakeRange
 
 ALL = "pytest-asyncio, anyio, portpicker, port-for, aiohttp"
-#: pytest-asyncio warns when its loop-scope setting is unset: every inner run sets it.
-ASYNCIO_INI = "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
-
-
-@pytest.fixture
-def ini(pytester: pytest.Pytester) -> None:
-    pytester.makefile(".ini", pytest=ASYNCIO_INI)
-
-
 # --- the setting ------------------------------------------------------------------------------
 
 
@@ -53,7 +44,6 @@ def test_parse_adopt_refuses_unknown_names(value: str) -> None:
     assert ALL in message
 
 
-@pytest.mark.usefixtures("ini")
 @pytest.mark.parametrize(
     ("how", "source"),
     [
@@ -71,14 +61,13 @@ def test_an_unknown_adapter_is_a_usage_error_naming_its_source(
     elif how == "env":
         monkeypatch.setenv("PYTEST_EPHEMERAL_ADOPT", "asyncio")
     else:
-        pytester.makefile(".ini", pytest=ASYNCIO_INI + "ephemeral_adopt = asyncio\n")
+        pytester.makeini("[pytest]\nephemeral_adopt = asyncio\n")
     pytester.makepyfile("def test_nothing(): pass")
     result = pytester.runpytest_subprocess(*args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: bad value 'asyncio' from {source}*unknown adapter*"])
 
 
-@pytest.mark.usefixtures("ini")
 @pytest.mark.parametrize(
     ("args", "header"),
     [
@@ -127,7 +116,6 @@ def test_anyio(free_tcp_port, free_udp_port, free_tcp_port_factory, free_udp_por
 """
 
 
-@pytest.mark.usefixtures("ini")
 @pytest.mark.parametrize(
     "order",
     [
@@ -153,7 +141,6 @@ def test_fixture_adapters_win_whatever_the_load_order(
     result.stdout.fnmatch_lines(["ephemeral adapters: pytest-asyncio, anyio, *"])
 
 
-@pytest.mark.usefixtures("ini")
 @pytest.mark.parametrize("mode", [["-n", "2"], ["-p", "no:xdist"]], ids=" ".join)
 def test_fixture_adapters_under_xdist_and_without(
     pytester: pytest.Pytester,
@@ -169,7 +156,6 @@ def test_fixture_adapters_under_xdist_and_without(
     result.assert_outcomes(passed=2)
 
 
-@pytest.mark.usefixtures("ini")
 def test_adopt_none_leaves_the_original_fixtures(
     pytester: pytest.Pytester, private_range: MakeRange
 ) -> None:
@@ -185,7 +171,6 @@ def test_adopt_none_leaves_the_original_fixtures(
     result.assert_outcomes(passed=1)
 
 
-@pytest.mark.usefixtures("ini")
 def test_a_conftest_fixture_of_the_same_name_wins(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(
         """
@@ -211,7 +196,6 @@ def test_a_conftest_fixture_of_the_same_name_wins(pytester: pytest.Pytester) -> 
     result.assert_outcomes(passed=1)
 
 
-@pytest.mark.usefixtures("ini")
 def test_function_leases_end_at_teardown_and_factory_leases_at_session_end(
     pytester: pytest.Pytester, private_range: MakeRange
 ) -> None:
@@ -243,7 +227,6 @@ def test_function_leases_end_at_teardown_and_factory_leases_at_session_end(
     result.assert_outcomes(passed=6)
 
 
-@pytest.mark.usefixtures("ini")
 def test_a_fixture_adapter_port_left_in_use_warns(
     pytester: pytest.Pytester, private_range: MakeRange
 ) -> None:
@@ -299,7 +282,6 @@ def test_every_helper_leases():
 """
 
 
-@pytest.mark.usefixtures("ini")
 @pytest.mark.parametrize("mode", [["-n", "2"], ["-p", "no:xdist"]], ids=" ".join)
 def test_library_adapters_lease_in_every_process(
     pytester: pytest.Pytester,
@@ -316,7 +298,6 @@ def test_library_adapters_lease_in_every_process(
     result.assert_outcomes(passed=2)
 
 
-@pytest.mark.usefixtures("ini")
 def test_a_copy_made_before_the_session_is_replaced_too(
     pytester: pytest.Pytester, private_range: MakeRange
 ) -> None:
@@ -333,7 +314,6 @@ def test_a_copy_made_before_the_session_is_replaced_too(
     result.assert_outcomes(passed=1)
 
 
-@pytest.mark.usefixtures("ini")
 def test_library_ports_last_as_long_as_the_scope_that_asked(
     pytester: pytest.Pytester, private_range: MakeRange
 ) -> None:
@@ -376,7 +356,6 @@ def test_library_ports_last_as_long_as_the_scope_that_asked(
     result.assert_outcomes(passed=4)
 
 
-@pytest.mark.usefixtures("ini")
 def test_restrictions_are_honoured(pytester: pytest.Pytester, private_range: MakeRange) -> None:
     """A set or a range of the caller's own wins over the configured range; exclusions too."""
     inside = private_range(2)
@@ -411,7 +390,6 @@ def test_originals_are_restored_after_the_session(
     """In one process: patched during ``pytest.main``, the originals again afterwards (modules
     that copied the function with ``from ... import`` included)."""
     private = private_range(2)
-    pytester.makefile(".ini", pytest=ASYNCIO_INI)
     pytester.makepyfile(
         test_inner="""
         import aiohttp.test_utils
@@ -458,7 +436,6 @@ def test_originals_are_restored_after_the_session(
 # --- threads: pytest-run-parallel -------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("ini")
 def test_run_parallel_one_port_fixtures_run_in_one_thread(pytester: pytest.Pytester) -> None:
     """Each of these tests binds its one port: in four threads three would get EADDRINUSE."""
     pytester.makepyfile(
@@ -489,7 +466,6 @@ def test_run_parallel_one_port_fixtures_run_in_one_thread(pytester: pytest.Pytes
     result.stdout.fnmatch_lines(["*::test_free_port was not run in parallel: uses free_port*"])
 
 
-@pytest.mark.usefixtures("ini")
 def test_run_parallel_factory_methods_are_safe_from_many_threads(
     pytester: pytest.Pytester,
 ) -> None:
