@@ -121,3 +121,49 @@ def _run_twice_at_once(prefix: list[str], args: list[str], root: Path) -> list[t
             run.kill()
             run.wait()
     return outputs
+
+
+@pytest.mark.skipif(
+    REDIS_SERVER is None, reason=f"needs the Redis server binary (redis-server): {INSTALL}"
+)
+def test_a_leftover_redis_claim_file_makes_pytest_redis_take_another_leased_port(
+    pytester: pytest.Pytester, private_range: MakeRange
+) -> None:
+    """pytest-redis never deletes its ``redis-<port>.port`` claim files: when the adapter leases a
+    port that was claimed earlier in the run, pytest-redis retries ``get_port`` excluding it, and
+    the retry must lease the other port of the range."""
+    private = private_range(2)
+    pytester.makepyfile(
+        f"""
+        import port_for
+
+        PORTS = {private.ports!r}
+        CLAIMED = []
+
+        def test_claim_the_next_port(tmp_path_factory):
+            mine = port_for.get_port(None)  # leased for this test only
+            (other,) = set(PORTS) - {{mine}}
+            (tmp_path_factory.getbasetemp() / f"redis-{{other}}.port").write_text("claimed")
+            CLAIMED.append(other)
+
+        def test_server(redisdb, redis_proc):
+            assert redis_proc.port in PORTS
+            assert redis_proc.port not in CLAIMED
+            redisdb.set("k", "v")
+        """
+    )
+    # Redis's unix socket lives under the basetemp, and its path must stay under 108 bytes.
+    short = Path(tempfile.mkdtemp(prefix="eph-"))
+    try:
+        result = pytester.runpytest_subprocess(
+            "-p",
+            "no:xdist",
+            "-p",
+            "no:randomly",
+            f"--basetemp={short / 't'}",
+            f"--redis-exec={REDIS_SERVER}",
+            *private.args,
+        )
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    result.assert_outcomes(passed=2)
