@@ -15,6 +15,11 @@ from pytest_ephemeral import PortFactory
 
 from ._support import HOST, serving
 
+# examples/servers needs the test extras (pytest-postgresql, pytest-redis) and real servers, and
+# has a configuration of its own: run it as `pytest -n 4 examples/servers` (tests/test_servers.py
+# does, with real PostgreSQL and Redis).
+collect_ignore = ["servers"]
+
 
 class LineEchoHandler(socketserver.StreamRequestHandler):
     """Send every line back until the client closes the connection."""

@@ -20,6 +20,7 @@ from uuid import uuid4
 
 import pytest
 
+from . import _adopt
 from ._errors import ConfigError, LockDirError, PortsExhausted
 from ._holder import Holder, this_process
 from ._settings import (
@@ -80,6 +81,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         )
         # Registered so that --strict-config knows them; their values are read by _ini_layer.
         parser.addini(f"ephemeral_{name}", _HELP[name], type="string", default=None)
+    group.addoption(_adopt.OPTION, dest="ephemeral_adopt", metavar="NAMES", help=_adopt.HELP)
+    parser.addini(_adopt.INI, _adopt.HELP, type="string", default=None)
 
 
 class EphemeralPortWarning(pytest.PytestWarning):
@@ -203,7 +206,8 @@ class _Session:
         self.settings = settings
         self.holder = holder
         self.item: pytest.Item | None = None  # the test running now
-        self.fixtures: list[pytest.FixtureDef[Any]] = []  # the fixtures being set up now
+        #: The fixtures being set up now, innermost last, with the request each is set up for.
+        self.fixtures: list[tuple[pytest.FixtureDef[Any], pytest.FixtureRequest]] = []
         self.leaks = 0
         self.ended: set[int] = set()  # released ports, to say "already released"
         self.totals: dict[str, float] = {}  # figures from xdist workers, for the summary
@@ -227,13 +231,16 @@ class _Session:
     def origin(self, owner: pytest.Item | None) -> _Origin:
         if owner is not None:
             return _Origin(owner, None)
-        return _Origin(self.item, self.fixtures[-1] if self.fixtures else None)
+        return _Origin(self.item, self.fixtures[-1][0] if self.fixtures else None)
 
-    def lease(self, n: int, protocol: Protocol, nodeid: str | None) -> list[int]:
+    def lease(
+        self, n: int, protocol: Protocol, nodeid: str | None, settings: Settings | None = None
+    ) -> list[int]:
+        """Lease ``n`` consecutive ports of ``settings.ports`` (default: the session's)."""
         allocator = self.allocator
         try:
             ports = allocator.lease_block(
-                n, self.settings, protocol, nodeid, self.holder, self._stats
+                n, settings or self.settings, protocol, nodeid, self.holder, self._stats
             )
         except LockDirError as error:
             error.advice = error.advice or _LOCK_DIR_ADVICE
@@ -352,8 +359,10 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(error)) from None
     workerinput = getattr(config, "workerinput", None) or {}
     holder = this_process(workerinput.get("workerid"), workerinput.get("testrunuid") or uuid4().hex)
-    config.stash[_FACTORY] = PortFactory(_Session(config, settings, holder))
+    session = _Session(config, settings, holder)
+    config.stash[_FACTORY] = PortFactory(session)
     config.stash[_OUTER_LAYERS] = push_session_layers(layers)  # lease_port() here uses them
+    _adopt.configure(config, session)  # adapters for other port helpers (setting adopt)
 
 
 def _session_of(config: pytest.Config) -> _Session:
@@ -424,7 +433,7 @@ def pytest_fixture_setup(
     fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
 ) -> Generator[None, object, object]:
     fixtures = _session_of(request.config).fixtures
-    fixtures.append(fixturedef)
+    fixtures.append((fixturedef, request))
     try:
         return (yield)
     finally:

@@ -39,6 +39,16 @@ def _inner_runs_share_a_band() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True)
+def _inner_runs_set_the_asyncio_loop_scope(request: pytest.FixtureRequest) -> None:
+    """pytest-asyncio (a test dependency, for the adapters) warns at start-up while its loop scope
+    is unset, which fails an inner run given -W error: every inner run gets a value."""
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")  # it clears PYTEST_ADDOPTS: set it afterwards
+        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setenv("PYTEST_ADDOPTS", "-o asyncio_default_fixture_loop_scope=function")
+
+
 @pytest.fixture(scope="session")
 def band_allocator() -> Iterator[Leaser]:
     origin = "tests/conftest.py"

@@ -1,0 +1,525 @@
+"""Adapters: the port helpers suites already use, backed by leases (setting ``adopt``).
+
+Fixture adapters (pytest-asyncio's ``unused_*_port*``, anyio's ``free_*_port*``) are fixtures of
+the same names, scopes and return types, defined on plugin objects that ``configure`` registers
+from ``pytest_configure``. Why that wins without depending on load order: pytest keeps the
+fixtures of non-conftest plugins in registration order and, of several visible definitions of one
+name, uses the one registered last; ``pytest_configure`` runs after every plugin named by ``-p``,
+an entry point or ``PYTEST_PLUGINS`` has been imported and registered, so ours come after
+pytest-asyncio's and anyio's whatever their order. ``conftest.py`` fixtures are placed after every
+plugin's (pytest 8: conftest fixtures sort after plugin ones; pytest 9: they are parsed when their
+directory is collected), so a user's own fixture of the same name still wins.
+
+Library adapters (``portpicker``, ``port_for``, ``aiohttp.test_utils``) replace a function of the
+library for the session, in each process of the run, and put it back at ``pytest_unconfigure``.
+None is imported here: a library already imported when the session starts is patched then, and
+one imported later is patched right after its module runs, by a ``sys.meta_path`` finder that
+only looks at the few module names concerned. Modules that copied the function with
+``from port_for import get_port``-style imports before the patch hold the original: every loaded
+module attribute that *is* the original is replaced too (and restored).
+
+A port a library adapter hands out is leased for the pytest scope that asked: the fixture being
+set up (released at its teardown), else the running test (released after its teardown), else the
+session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import socket
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Generator, Iterable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+import pytest
+
+from ._errors import ConfigError, PortsExhausted
+from ._settings import Raw, Settings
+
+Protocol = Literal["tcp", "udp", "both"]
+
+if TYPE_CHECKING:
+    from .plugin import EphemeralPortWarning, PortFactory, _Origin, _Session
+
+#: Adapter names, in header order, and the top-level module whose presence means "installed".
+ADAPTERS = {
+    "pytest-asyncio": "pytest_asyncio",
+    "anyio": "anyio",
+    "portpicker": "portpicker",
+    "port-for": "port_for",
+    "aiohttp": "aiohttp",
+}
+OPTION = "--ephemeral-adopt"
+INI = "ephemeral_adopt"
+ENV = "PYTEST_EPHEMERAL_ADOPT"
+HELP = (
+    "Port helpers to back with leases: a comma list of " + ", ".join(ADAPTERS) + ", or all or none."
+    " Default: all"
+)
+
+#: Fixtures that hand out one port per test: tests using them must not run in several threads.
+ONE_PORT_PER_TEST = (
+    "free_port",
+    "free_socket",
+    "unused_tcp_port",
+    "unused_udp_port",
+    "free_tcp_port",
+    "free_udp_port",
+)
+
+
+def parse_adopt(raw: Raw) -> frozenset[str]:
+    """The adapter names a setting value asks for; ``ConfigError`` naming value and origin."""
+    names = {part.strip().lower() for part in str(raw.value).split(",")} - {""}
+    if names == {"all"}:
+        return frozenset(ADAPTERS)
+    if names in ({"none"}, set()):
+        return frozenset()
+    unknown = sorted(names - set(ADAPTERS))
+    if unknown or "all" in names or "none" in names:
+        bad = ", ".join(unknown) or "all/none mixed with names"
+        raise ConfigError(
+            f"bad value {raw.value!r} from {raw.origin}: unknown adapter {bad}"
+            f" (expected a comma list of {', '.join(ADAPTERS)}, or all or none)"
+        )
+    return frozenset(names)
+
+
+def adopt_raw(config: pytest.Config) -> Raw:
+    """The ``adopt`` value: command line (``--ephemeral-adopt``, then ``-o ephemeral_adopt``),
+    then environment, then config file, then default: the precedence of every other setting."""
+    value = getattr(config.option, "ephemeral_adopt", None)
+    if value is not None:
+        return Raw(value, f"command-line option {OPTION}")
+    overrides = [
+        o.partition("=")[2] for o in config.option.override_ini or () if o.startswith(f"{INI}=")
+    ]
+    if overrides and overrides[-1].strip():
+        return Raw(overrides[-1], f"command-line option -o {INI}")
+    if os.environ.get(ENV, "").strip():
+        return Raw(os.environ[ENV], f"environment variable {ENV}")
+    ini = config.getini(INI)
+    if ini:
+        return Raw(ini, f"{INI} in config file {config.inipath}")
+    return Raw("all", "the default")
+
+
+def installed(names: Iterable[str]) -> list[str]:
+    """Those of ``names`` whose package is installed, in header order, found without importing.
+
+    ``find_spec`` of a top-level name only searches ``sys.path`` (about 0.1 ms each here).
+    """
+    chosen = set(names)
+    return [
+        name
+        for name, module in ADAPTERS.items()
+        if name in chosen and (module in sys.modules or importlib.util.find_spec(module))
+    ]
+
+
+def configure(config: pytest.Config, session: _Session) -> None:
+    """Resolve ``adopt`` and register the active adapters (called from ``pytest_configure``)."""
+    try:
+        adopted = parse_adopt(adopt_raw(config))
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from None
+    active = installed(adopted)
+    config.pluginmanager.register(_Adapters(config, session, active), "ephemeral-adapters")
+
+
+class _Adapters:
+    """The adapter plugin: header line, thread-safety marks, and the adapters that are active."""
+
+    def __init__(self, config: pytest.Config, session: _Session, active: list[str]) -> None:
+        self.active = active
+        self.patches = _Patches()
+        self.leases = _ScopedLeases(session)
+        if "pytest-asyncio" in active:
+            fixtures = _fixture_plugin(
+                "asyncio",
+                _unused_tcp_port,
+                _unused_udp_port,
+                _unused_tcp_port_factory,
+                _unused_udp_port_factory,
+            )
+            config.pluginmanager.register(fixtures, "ephemeral-adapter-pytest-asyncio")
+        if "anyio" in active:
+            fixtures = _fixture_plugin(
+                "anyio",
+                _free_tcp_port,
+                _free_udp_port,
+                _free_tcp_port_factory,
+                _free_udp_port_factory,
+            )
+            config.pluginmanager.register(fixtures, "ephemeral-adapter-anyio")
+        library = {
+            "portpicker": ("portpicker", self._patch_portpicker),
+            "port-for": ("port_for.api", self._patch_port_for),
+            "aiohttp": ("aiohttp.test_utils", self._patch_aiohttp),
+        }
+        for name in active:
+            if name in library:
+                module, patch = library[name]
+                self.patches.when_imported(module, patch)
+
+    # --- hooks ----------------------------------------------------------------------------
+
+    def pytest_report_header(self) -> str:
+        return f"ephemeral adapters: {', '.join(self.active) or 'none'}"
+
+    def pytest_collection_modifyitems(
+        self, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
+        # pytest-run-parallel shares function-scoped fixture values between the threads of one
+        # test: four threads would bind one port. Its thread_unsafe marker runs such tests in one
+        # thread; it reads the marker in pytest_collection_finish, after this hook.
+        if not config.pluginmanager.has_plugin("_run-parallel"):
+            return  # the marker is unknown without it (and --strict-markers would refuse it)
+        for item in items:
+            used = [name for name in ONE_PORT_PER_TEST if name in getattr(item, "fixturenames", ())]
+            if used:
+                reason = f"uses {', '.join(used)}: one leased port per test (pytest-ephemeral)"
+                item.add_marker(pytest.mark.thread_unsafe(reason=reason))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
+        try:
+            yield
+        finally:
+            self.leases.end_test(item)
+
+    def pytest_unconfigure(self) -> None:
+        self.patches.restore()
+        self.leases.end_session()
+
+    # --- library adapters -------------------------------------------------------------------
+
+    def _patch_portpicker(self, module: ModuleType) -> None:
+        leases, original_return = self.leases, module.return_port
+        no_port = module.NoFreePortFoundError
+
+        def pick_unused_port(pid: int | None = None, portserver_address: str | None = None) -> int:
+            """Leased by pytest-ephemeral: free for TCP and UDP, held for the pytest scope."""
+            return leases.lease("both", error=no_port)
+
+        def return_port(port: int) -> None:
+            """Ends the port's lease early if pytest-ephemeral leased it."""
+            if not leases.end(port):
+                original_return(port)
+
+        self.patches.replace(module, "pick_unused_port", pick_unused_port)
+        self.patches.replace(module, "return_port", return_port)
+
+    def _patch_port_for(self, module: ModuleType) -> None:
+        # get_port() passes every choice it does not take as is (an explicit port, -1) to the
+        # module's select_random(): replacing that one covers both.
+        leases = self.leases
+        error = sys.modules["port_for.exceptions"].PortForException
+
+        def select_random(
+            ports: set[int] | None = None, exclude_ports: Iterable[int] | None = None
+        ) -> int:
+            """Leased by pytest-ephemeral: free for TCP, held for the asking pytest scope."""
+            excluded = frozenset(exclude_ports or ())
+            if ports is None:
+                return leases.lease("tcp", exclude=excluded, error=error)
+            within = frozenset(ports) - excluded
+            if not within:
+                raise error("Can't select a port")
+            return leases.lease("tcp", within=within, error=error)
+
+        self.patches.replace(module, "select_random", select_random)
+
+    def _patch_aiohttp(self, module: ModuleType) -> None:
+        leases = self.leases
+
+        def unused_port() -> int:
+            """Leased by pytest-ephemeral: free for TCP, held for the asking pytest scope."""
+            return leases.lease("tcp")
+
+        self.patches.replace(module, "unused_port", unused_port)
+
+
+# --- scoped leases for the library adapters ---------------------------------------------------
+
+
+class _ScopedLeases:
+    """Ports handed out by library adapters, each released when the scope that asked ends: the
+    fixture being set up, else the running test, else the session (the plugin's ``_Session``
+    knows which is running)."""
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self._by_port: dict[int, _Origin] = {}  # live leases, and who asked for each
+        self._of_test: list[int] = []
+        self._mutex = threading.Lock()
+
+    def lease(
+        self,
+        protocol: Protocol,
+        *,
+        within: frozenset[int] | None = None,
+        exclude: frozenset[int] = frozenset(),
+        error: Callable[[str], Exception] | None = None,
+    ) -> int:
+        """Lease a port of ``within`` (default: the configured range), not in ``exclude``."""
+        from ._ranges import PortRange, normalize
+
+        session = self.session
+        settings = session.settings
+        if within is not None:  # the caller's own ports, in the session's lock dir
+            chosen = PortRange(normalize((p, p) for p in within), "chosen by a port helper")
+            settings = settings._replace(ports=chosen)
+        origin = session.origin(None)
+        try:
+            port = _lease_avoiding(session, settings, protocol, origin.nodeid, exclude)
+        except PortsExhausted as exhausted:
+            if error is None:
+                raise
+            raise error(str(exhausted)) from exhausted
+        with self._mutex:
+            self._by_port[port] = origin
+            if session.fixtures:
+                # Registered while the fixture runs, before pytest registers the teardown of a
+                # yield fixture: finalizers run last-in first-out, so the port outlives the server.
+                session.fixtures[-1][1].addfinalizer(lambda: self._end_warning(port))
+            elif session.item is not None:
+                self._of_test.append(port)
+        return port
+
+    def end(self, port: int) -> bool:
+        """End a lease early (``return_port``); False if this is not a port handed out here."""
+        if port not in self._by_port:
+            return False
+        self._end_warning(port, stacklevel=3)
+        return True
+
+    def end_test(self, item: pytest.Item) -> None:
+        with self._mutex:
+            ports, self._of_test = self._of_test, []
+        for port in ports:
+            warning = self._end(port)
+            if warning is not None:
+                item.warn(warning)
+
+    def end_session(self) -> None:
+        """Release what is left (leases asked outside tests and fixtures), without a leak check:
+        a server started at collection may rightly still be stopping."""
+        with self._mutex:
+            left, self._by_port = self._by_port, {}
+        for port in left:
+            with contextlib.suppress(ValueError):  # released already
+                self.session.allocator.release(port)
+
+    def _end_warning(self, port: int, stacklevel: int = 2) -> None:
+        warning = self._end(port)
+        if warning is not None:
+            warnings.warn(warning, stacklevel=stacklevel)
+
+    def _end(self, port: int) -> EphemeralPortWarning | None:
+        with self._mutex:
+            origin = self._by_port.pop(port, None)
+            if port in self._of_test:
+                self._of_test.remove(port)
+        if origin is None:
+            return None  # already ended (return_port, say)
+        return self.session.end_lease(port, origin)  # released, and checked for leaks
+
+
+def _lease_avoiding(
+    session: _Session,
+    settings: Settings,
+    protocol: Protocol,
+    nodeid: str | None,
+    exclude: frozenset[int],
+) -> int:
+    """Lease one port not in ``exclude``: ports excluded are kept until a good one comes, so the
+    search cannot meet them twice, then given back (at most ``len(exclude)`` of them)."""
+    rejected: list[int] = []
+    try:
+        while True:
+            port = session.lease(1, protocol, nodeid, settings)[0]
+            if port not in exclude:
+                return port
+            rejected.append(port)
+    finally:
+        for port in rejected:
+            session.allocator.release(port)
+
+
+# --- patching, now or when the module is imported ------------------------------------------------
+
+
+class _Patches(importlib.abc.MetaPathFinder):
+    """Replaced module attributes, to restore; patches modules that are imported later."""
+
+    def __init__(self) -> None:
+        self._done: list[tuple[ModuleType, str, object, object]] = []
+        self._waiting: dict[str, Callable[[ModuleType], None]] = {}
+        self._mutex = threading.Lock()
+
+    def when_imported(self, name: str, patch: Callable[[ModuleType], None]) -> None:
+        module = sys.modules.get(name)
+        if module is not None:
+            patch(module)
+            return
+        with self._mutex:
+            self._waiting[name] = patch
+            if self not in sys.meta_path:
+                sys.meta_path.insert(0, self)
+
+    def replace(self, module: ModuleType, name: str, replacement: object) -> None:
+        """Set ``module.name``, and every loaded module's copy of it, to ``replacement``."""
+        original = getattr(module, name)
+        holders = [module]
+        for other in list(sys.modules.values()):
+            namespace = getattr(other, "__dict__", None)
+            if (
+                other is not module
+                and isinstance(namespace, dict)
+                and any(value is original for value in list(namespace.values()))
+            ):
+                holders.append(other)
+        for holder in holders:
+            for attribute, value in list(vars(holder).items()):
+                if value is original:
+                    setattr(holder, attribute, replacement)
+                    self._done.append((holder, attribute, original, replacement))
+
+    def restore(self) -> None:
+        with self._mutex:
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            self._waiting.clear()
+        for holder, attribute, original, replacement in reversed(self._done):
+            if getattr(holder, attribute, None) is replacement:  # not replaced again since
+                setattr(holder, attribute, original)
+        self._done.clear()
+
+    # MetaPathFinder: asked about every import while waiting; answers only for awaited names.
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        with self._mutex:
+            patch = self._waiting.get(fullname)
+        if patch is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchAfter(spec.loader, self._patched(fullname, patch))
+                return spec
+        return None
+
+    def _patched(
+        self, name: str, patch: Callable[[ModuleType], None]
+    ) -> Callable[[ModuleType], None]:
+        def run(module: ModuleType) -> None:
+            with self._mutex:
+                if self._waiting.pop(name, None) is None:
+                    return  # restored meanwhile
+            patch(module)
+
+        return run
+
+
+class _PatchAfter(importlib.abc.Loader):
+    """A module's own loader, then the patch."""
+
+    def __init__(self, loader: Any, patch: Callable[[ModuleType], None]) -> None:
+        self._loader = loader
+        self._patch = patch
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        module: ModuleType | None = self._loader.create_module(spec)
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        self._patch(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ...
+        return getattr(self._loader, name)
+
+
+# --- fixture adapters ---------------------------------------------------------------------------
+
+
+@pytest.fixture(name="unused_tcp_port")
+def _unused_tcp_port(free_ports: PortFactory) -> int:
+    """A TCP port leased for this test (pytest-ephemeral's, in place of pytest-asyncio's)."""
+    return free_ports(protocol="tcp")
+
+
+@pytest.fixture(name="unused_udp_port")
+def _unused_udp_port(free_ports: PortFactory) -> int:
+    """A UDP port leased for this test (pytest-ephemeral's, in place of pytest-asyncio's)."""
+    return free_ports(protocol="udp")
+
+
+@pytest.fixture(name="unused_tcp_port_factory", scope="session")
+def _unused_tcp_port_factory(port_factory: Any) -> Callable[[], int]:
+    """Leases TCP ports until the session ends (pytest-ephemeral's, for pytest-asyncio's)."""
+    return lambda: int(port_factory(protocol="tcp"))
+
+
+@pytest.fixture(name="unused_udp_port_factory", scope="session")
+def _unused_udp_port_factory(port_factory: Any) -> Callable[[], int]:
+    """Leases UDP ports until the session ends (pytest-ephemeral's, for pytest-asyncio's)."""
+    return lambda: int(port_factory(protocol="udp"))
+
+
+@pytest.fixture(name="free_tcp_port")
+def _free_tcp_port(free_ports: PortFactory) -> int:
+    """A TCP port leased for this test (pytest-ephemeral's, in place of anyio's)."""
+    return free_ports(protocol="tcp")
+
+
+@pytest.fixture(name="free_udp_port")
+def _free_udp_port(free_ports: PortFactory) -> int:
+    """A UDP port leased for this test (pytest-ephemeral's, in place of anyio's)."""
+    return free_ports(protocol="udp")
+
+
+@pytest.fixture(name="free_tcp_port_factory", scope="session")
+def _free_tcp_port_factory(port_factory: Any) -> Any:
+    """anyio's ``FreePortFactory``, leasing TCP ports until the session ends."""
+    return _anyio_factory(port_factory, socket.SOCK_STREAM)
+
+
+@pytest.fixture(name="free_udp_port_factory", scope="session")
+def _free_udp_port_factory(port_factory: Any) -> Any:
+    """anyio's ``FreePortFactory``, leasing UDP ports until the session ends."""
+    return _anyio_factory(port_factory, socket.SOCK_DGRAM)
+
+
+def _fixture_plugin(adapter: str, *fixtures: object) -> ModuleType:
+    """A module holding ``fixtures``, to register as a plugin (pytest reads fixtures off it)."""
+    module = ModuleType(f"{__name__}.{adapter}")
+    for fixture in fixtures:
+        setattr(module, str(getattr(fixture, "name", None) or fixture), fixture)
+    return module
+
+
+def _anyio_factory(port_factory: Any, kind: socket.SocketKind) -> Any:
+    """An instance of anyio's own ``FreePortFactory`` (so ``isinstance`` and ``.kind`` hold)."""
+    from anyio.pytest_plugin import FreePortFactory
+
+    protocol = "tcp" if kind == socket.SOCK_STREAM else "udp"
+
+    class LeasedFreePortFactory(FreePortFactory):
+        def __call__(self, family: socket.AddressFamily | None = None) -> int:
+            # The bind check covers IPv4 and IPv6 (a dual-stack socket), whatever the family.
+            return int(port_factory(protocol=protocol))
+
+    return LeasedFreePortFactory(kind)
