@@ -79,23 +79,31 @@ class _Pass:
     unrecorded: list[str] = field(default_factory=list)  # holder records that could not be written
 
 
+_UNCOUNTED = Stats()  # the figures of callers that keep none (lease_port): never read
+
+
 class _DirGone(Exception):
     """The lock dir vanished under a walk: recover, then walk again."""
 
 
-_allocators: dict[str, PortAllocator] = {}
+_allocators: dict[str, PortAllocator] = {}  # by the lock dir's one resolved spelling
+_by_spelling: dict[str, PortAllocator] = {}  # by each spelling asked for (a cache of the above)
 _registry_mutex = threading.Lock()
 _default_holder: Holder | None = None
 
 
 def allocator_for(lock_dir: str, given: bool = True) -> PortAllocator:
     """This process's allocator for ``lock_dir`` (one lock dir spelled two ways is one)."""
+    allocator = _by_spelling.get(lock_dir)  # the common case, without resolving the path again
+    if allocator is not None:
+        return allocator
     parent, name = os.path.split(os.path.abspath(lock_dir))
     key = os.path.join(os.path.realpath(parent), name)
     with _registry_mutex:
         allocator = _allocators.get(key)
         if allocator is None:
             allocator = _allocators[key] = PortAllocator(key, given)
+        _by_spelling[lock_dir] = allocator
         return allocator
 
 
@@ -174,7 +182,7 @@ class PortAllocator:
             )
         targets = bind_targets(settings.host)
         holder = holder or default_holder()
-        stats = stats if stats is not None else Stats()
+        stats = stats if stats is not None else _UNCOUNTED
         seen = _Pass()
         deadline: float | None = None
         pause = _POLL_FIRST

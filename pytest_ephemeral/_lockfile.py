@@ -146,7 +146,7 @@ def write_record(fd: int, holder: Holder, port: int, nodeid: str | None, since: 
     """
     data = (
         f'\n{{"port": {port}, "pid": {os.getpid()}, {holder_json(holder)},'
-        f' "nodeid": {json.dumps(nodeid)}, "since": {since!r}}}\n'
+        f' "nodeid": {"null" if nodeid is None else json.dumps(nodeid)}, "since": {since!r}}}\n'
     ).encode()
     if _PWRITE:
         os.pwrite(fd, data, 0)

@@ -103,12 +103,15 @@ class PortRange:
     #: Set when ``auto`` had to fall back to ports the OS may also hand to outgoing connections.
     caveat: str | None = None
     _ports: array[int] = field(init=False, repr=False, compare=False)
+    _longest: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ports = array("H")
         for low, high in self.spans:
             ports.extend(range(low, high + 1))
         object.__setattr__(self, "_ports", ports)
+        longest = max((high - low + 1 for low, high in self.spans), default=0)
+        object.__setattr__(self, "_longest", longest)
 
     @property
     def ports(self) -> array[int]:
@@ -128,7 +131,7 @@ class PortRange:
 
     def longest_run(self) -> int:
         """The most consecutive ports the range holds, the largest block that can be leased."""
-        return max((high - low + 1 for low, high in self.spans), default=0)
+        return self._longest
 
 
 class SystemPorts(NamedTuple):
