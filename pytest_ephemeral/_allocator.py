@@ -225,10 +225,12 @@ class PortAllocator:
             lease = self._held.get(port)
             if lease is None:
                 raise ValueError(f"port {port} is not leased in {self.lock_dir}")
-            if self._dir is not None and identity(self.lock_dir) != self._dir[1:]:
-                self._recover()  # the dir vanished: the other held ports need new locks first
-            del self._held[port]
-            unlock(lease.fd, lease.pid)
+            try:
+                if self._dir is not None and identity(self.lock_dir) != self._dir[1:]:
+                    self._recover()  # the dir vanished: the other held ports need new locks
+            finally:  # a recovery that fails (a symlink planted meanwhile) keeps no lock here
+                del self._held[port]
+                unlock(lease.fd, lease.pid)
         self._warn_lost()
 
     def lease_of(self, port: int) -> Lease:
@@ -264,7 +266,10 @@ class PortAllocator:
             os.close(self._dir.fd)
         self._dir = None
         dir_fd = self._prepare().fd
+        pid = os.getpid()
         for lease in self._held.values():
+            if lease.pid != pid:
+                continue  # inherited over a fork: the parent's to lock again, not this child's
             try:
                 fd = try_lock(self.lock_dir, dir_fd, lease.port)
             except (Unusable, OSError):
@@ -426,9 +431,8 @@ class PortAllocator:
     def _exhausted(
         self, n: int, ports: PortRange, seen: _Pass, waited: float | None
     ) -> PortsExhausted:
-        assert self._dir is not None
-        dir_fd = self._dir.fd
         with self._mutex:
+            dir_fd = self._dir.fd if self._dir is not None else -1
             held_here = len(self._held.keys() & set(ports.ports))
         holders = []
         for port in sorted(seen.locked):

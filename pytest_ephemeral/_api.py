@@ -38,8 +38,8 @@ _MAX_RESOLVED = 32
 
 def _settings(arguments: tuple[tuple[str, object], ...]) -> Settings:
     """The settings for these arguments over the defaults, resolved once per distinct input."""
-    session = session_layers()
-    key = (arguments, id(session) if session else tuple(map(os.environ.get, _ENV_NAMES)))
+    session, generation = session_layers()
+    key = (arguments, generation if session else tuple(map(os.environ.get, _ENV_NAMES)))
     with _resolved_mutex:
         settings = _resolved.get(key)
     if settings is None:
@@ -84,8 +84,14 @@ class _Leased:
         traceback: TracebackType | None,
     ) -> None:
         assert self._allocator is not None
-        for port in self._ports:
-            self._allocator.release(port)
+        failure: BaseException | None = None
+        for port in self._ports:  # every one, whatever goes wrong with another
+            try:
+                self._allocator.release(port)
+            except BaseException as problem:
+                failure = failure or problem
+        if failure is not None:
+            raise failure
 
 
 class _LeasedPort(_Leased):

@@ -29,6 +29,7 @@ called a leak.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import sys
@@ -50,6 +51,15 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 _ALL_STATES, _LISTENERS = 0xFFFFFFFF, 1 << _LISTEN
 _netlink_works = hasattr(socket, "AF_NETLINK")
+#: Errors that mean netlink sock_diag is not available here at all (not a passing failure).
+_NOT_ALLOWED = {
+    errno.EPERM,
+    errno.EACCES,
+    errno.EAFNOSUPPORT,
+    errno.EPROTONOSUPPORT,
+    errno.ENOENT,
+    errno.EOPNOTSUPP,
+}
 
 
 def _diag_request(family: int, port: int, states: int) -> bytes:
@@ -78,6 +88,8 @@ def _states_by_netlink(port: int, wanted: int) -> list[int]:
                 offset = 0
                 while offset + _HEADER.size <= len(data):
                     length, kind = _HEADER.unpack_from(data, offset)[:2]
+                    if length < _HEADER.size:
+                        raise OSError(errno.EPROTO, "malformed netlink message")
                     if kind == _NLMSG_DONE:
                         done = True
                         break
@@ -125,8 +137,9 @@ def tcp_states(port: int, wanted: int = _ALL_STATES) -> list[int] | None:
     if _netlink_works:
         try:
             return _states_by_netlink(port, wanted)
-        except OSError:
-            _netlink_works = False  # not allowed here (a sandbox, say): the slow way from now on
+        except OSError as error:
+            if error.errno in _NOT_ALLOWED:  # a sandbox, say: the slow way from now on
+                _netlink_works = False
     if not _PROC_NET.joinpath("tcp").exists():
         return None
     return [state for state in _states_by_proc(port) if wanted & (1 << state)]
@@ -139,7 +152,14 @@ def reusable(port: int, targets: Targets) -> bool:
     other things (on Windows it would even steal a bound port), so never."""
     if not sys.platform.startswith("linux"):
         return False
-    return tcp_states(port, _LISTENERS) == [] and binds_with_reuse(port, targets)
+    if tcp_states(port, _LISTENERS) != [] or not binds_with_reuse(port, targets):
+        return False
+    # A bind with SO_REUSEADDR also passes a socket bound with it and about to listen (another
+    # program's server between bind and listen): only connections and TIME_WAIT may be left.
+    states = tcp_states(port)
+    if not states:  # nothing listed though a plain bind fails: an older kernel's bound socket
+        return False
+    return _LISTEN not in states and _CLOSE not in states
 
 
 def _tcp_use(port: int, host: str, targets: Targets) -> str | None:

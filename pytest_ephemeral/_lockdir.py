@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
 import sys
 from typing import NamedTuple
@@ -88,7 +89,10 @@ def prepare(path: str, explicit: bool) -> Prepared:
         pass  # maybe not a directory: said below
     except OSError as error:
         raise LockDirError(path, f"cannot be created: {_cause(error)}") from None
-    info = os.lstat(path)  # lstat, not stat: following a planted symlink is the attack refused
+    try:
+        info = os.lstat(path)  # lstat, not stat: following a planted symlink is the attack refused
+    except OSError as error:  # removed again at once, say
+        raise LockDirError(path, f"cannot be examined: {_cause(error)}") from None
     if stat.S_ISLNK(info.st_mode):
         raise LockDirError(path, "is a symbolic link")
     if not stat.S_ISDIR(info.st_mode):
@@ -125,16 +129,30 @@ def _vet(path: str, info: os.stat_result, fd: int, explicit: bool) -> None:
                 " held lock file and have its port given twice (chmod go-w or chmod +t it)",
             )
     elif info.st_mode & 0o077:
-        if fd >= 0:
-            os.fchmod(fd, 0o700)
-        else:
-            os.chmod(path, 0o700)
+        try:
+            if fd >= 0:
+                os.fchmod(fd, 0o700)
+            else:
+                os.chmod(path, 0o700)
+        except OSError as error:  # a read-only file system, say
+            raise LockDirError(path, f"cannot be made private: {_cause(error)}") from None
 
 
 def _check_writable(path: str, fd: int) -> None:
-    """Create, write and remove a file: finds a read-only file system, no space and no inodes."""
-    name = f".write-check-{os.getpid()}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    """Create, write and remove a file: finds a read-only file system, no space and no inodes.
+
+    A new file of a random name (``O_EXCL``, never following or blocking on what another user of
+    a shared directory may have planted at a name they could guess).
+    """
+    name = f".write-check-{secrets.token_hex(8)}"
+    flags = (
+        os.O_WRONLY
+        | os.O_CREAT
+        | os.O_EXCL
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
     where = {"dir_fd": fd} if fd >= 0 else {}
     target = name if fd >= 0 else os.path.join(path, name)
     try:

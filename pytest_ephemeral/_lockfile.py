@@ -30,6 +30,7 @@ _COMMON = (
     getattr(os, "O_NOFOLLOW", 0)
     | getattr(os, "O_CLOEXEC", 0)
     | getattr(os, "O_NONBLOCK", 0)  # a FIFO planted at a lock path must not hang the open
+    | getattr(os, "O_NOCTTY", 0)  # nor a terminal device become this process's terminal
     | getattr(os, "O_BINARY", 0)
 )
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | _COMMON
@@ -117,7 +118,7 @@ def try_lock(dir_path: str, dir_fd: int, port: int) -> int | None:
     """
     fd, info = _open(dir_path, dir_fd, port, _LOCK_FLAGS)
     try:
-        if info.st_mode & 0o077:  # ours, but readable by others: records stay private
+        if _HAS_UID and info.st_mode & 0o077:  # ours, but readable by others: keep records private
             os.fchmod(fd, 0o600)
         if lock_descriptor(fd, blocking=False):
             return fd

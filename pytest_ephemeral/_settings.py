@@ -64,23 +64,27 @@ class Settings(NamedTuple):
 #: While a pytest session is configured in this process, its layers (command line, environment,
 #: config file), so ``lease_port()`` called during the session uses the session's settings.
 _session_layers: tuple[Layer, ...] | None = None
+#: Changes whenever the session layers do, so caches of what they resolve to can tell.
+_session_generation = 0
 
 
 def push_session_layers(layers: tuple[Layer, ...]) -> tuple[Layer, ...] | None:
-    """Make ``layers`` the defaults of ``default_layers``; returns the ones to restore later."""
-    global _session_layers
+    """Make ``layers`` the defaults of ``lease_port()``; returns the ones to restore later."""
+    global _session_layers, _session_generation
     outer, _session_layers = _session_layers, layers
+    _session_generation += 1
     return outer
 
 
 def pop_session_layers(outer: tuple[Layer, ...] | None) -> None:
-    global _session_layers
+    global _session_layers, _session_generation
     _session_layers = outer
+    _session_generation += 1
 
 
-def session_layers() -> tuple[Layer, ...] | None:
-    """The running pytest session's layers, if a session is configured in this process."""
-    return _session_layers
+def session_layers() -> tuple[tuple[Layer, ...] | None, int]:
+    """The running pytest session's layers (None outside a session), and their generation."""
+    return _session_layers, _session_generation
 
 
 def env_var(name: str) -> str:

@@ -186,15 +186,27 @@ class PortFactory:
         return self._session.end_lease(port, origin)
 
     def _end_all(self) -> list[tuple[_Origin, EphemeralPortWarning]]:
-        """End every lease still held; the leaks found, with who leased each."""
+        """End every lease still held; the leaks found, with who leased each.
+
+        Every lease is ended, whatever goes wrong with one of them (no descriptor left for the
+        leak check, say); the first such error is raised once they all are.
+        """
         leaks = []
+        failure: BaseException | None = None
         with self._mutex:
-            ports = sorted(self._mine)
-        for port in ports:
-            origin = self._mine[port]
-            warning = self._end(port)
+            mine = dict(self._mine)
+        for port, origin in sorted(mine.items()):
+            try:
+                warning = self._end(port)
+            except ValueError:
+                continue  # released meanwhile by another thread
+            except BaseException as error:
+                failure = failure or error
+                continue
             if warning is not None:
                 leaks.append((origin, warning))
+        if failure is not None:
+            raise failure
         return leaks
 
 
@@ -274,14 +286,12 @@ class _Session:
         Checked while the lease is still held, so whatever uses the port is the test's own, and
         released whatever happens, so a warning made an error (-W error) cannot keep the lease.
         """
-        from ._leakcheck import still_in_use  # loaded with the first lease, like the allocator
-        from ._probe import bind_targets
-
-        lease = self.allocator.lease_of(port)
         try:
-            use = still_in_use(
-                port, self.settings.host, bind_targets(self.settings.host), lease.kinds
-            )
+            from ._leakcheck import still_in_use  # loaded with the first lease, as the allocator
+            from ._probe import bind_targets
+
+            kinds = self.allocator.lease_of(port).kinds
+            use = still_in_use(port, self.settings.host, bind_targets(self.settings.host), kinds)
         finally:
             self.allocator.release(port)
             self.ended.add(port)
@@ -298,7 +308,17 @@ class _Session:
         the port (not the last test to run, which did nothing wrong, and which they cannot fail)."""
         for origin, warning in leaks:
             filename, line = origin.location()
-            message = warnings.WarningMessage(warning, type(warning), filename, line)
+            # The warning filters in force (-W, filterwarnings) decide whether it is shown; made
+            # an error, it is still only reported: the test that leased the port is over.
+            with warnings.catch_warnings(record=True) as shown:
+                try:
+                    warnings.warn_explicit(warning, type(warning), filename, line)
+                except EphemeralPortWarning:
+                    shown.append(warnings.WarningMessage(warning, type(warning), filename, line))
+            if not shown:
+                self.leaks -= 1  # filtered out: not counted either
+                continue
+            message = shown[0]
             self.config.hook.pytest_warning_recorded.call_historic(
                 kwargs={
                     "warning_message": message,

@@ -272,7 +272,7 @@ def test_reuse_addr_lets_servers_that_set_it_have_a_port_in_time_wait(
 
 
 @LINUX_ONLY
-@pytest.mark.parametrize("holder", ["listener", "bound", "bound-udp"])
+@pytest.mark.parametrize("holder", ["listener", "bound", "bound-with-reuse", "bound-udp"])
 def test_reuse_addr_still_refuses_listeners_and_bound_sockets(
     private_range: MakeRange, holder: str
 ) -> None:
@@ -280,7 +280,8 @@ def test_reuse_addr_still_refuses_listeners_and_bound_sockets(
     port = private.ports[0]
     kind = socket.SOCK_DGRAM if holder == "bound-udp" else socket.SOCK_STREAM
     with socket.socket(socket.AF_INET, kind) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, holder == "listener")
+        reuse = holder in ("listener", "bound-with-reuse")  # a server between bind and listen
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
         sock.bind(("127.0.0.1", port))
         if holder == "listener":
             sock.listen()

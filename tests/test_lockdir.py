@@ -537,3 +537,113 @@ def test_running_out_of_inodes_mid_run_is_a_clear_error(
         f"lock dir '{mount}' cannot take a new lock file: No space left on device"
         " (free space or inodes on its file system)"
     )
+
+
+# --- Found by review: errors in the middle of recovery and teardown keep no lock --------------
+
+
+def test_a_release_whose_recovery_fails_still_gives_the_lock_back(
+    private_range: MakeRange, tmp_path: Path
+) -> None:
+    from pytest_ephemeral import LockDirError
+
+    private = private_range(2)
+    leases = leaser(private)
+    first, second = leases.lease_block(2)
+    shutil.rmtree(private.lock_dir)
+    (tmp_path / "elsewhere").mkdir()
+    private.lock_dir.symlink_to(tmp_path / "elsewhere")  # planted while the dir was gone
+    with pytest.raises(LockDirError, match="is a symbolic link"):
+        leases.release(first)
+    assert first not in leases.allocator.held  # released, though the recovery failed
+    private.lock_dir.unlink()
+    leases.allocator._failure = None  # the planted link is gone: let the test clean up
+    leases.release(second)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_never_takes_over_its_parents_leases(private_range: MakeRange) -> None:
+    private = private_range(3)
+    leases = leaser(private)
+    held = leases.lease()
+    shutil.rmtree(private.lock_dir)
+    pid = os.fork()
+    if pid == 0:  # the child leases for itself after the dir vanished: it recovers the dir
+        code = 0
+        try:
+            leases.allocator.lease(leases.settings)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the child locked nothing of ours: no "taken" warning
+        leases.lease()  # the parent recovers, and locks its own port again
+    record = read_live_record(str(private.lock_dir), held)
+    assert record is not None
+    assert record["pid"] == os.getpid()
+    leases.release_all()
+
+
+def test_the_write_check_never_opens_a_name_planted_in_a_shared_dir(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # writable by all, sticky: accepted as an explicit lock dir
+    code = (
+        "import os, sys\n"
+        "from pytest_ephemeral._lockdir import prepare\n"
+        "for pid in (os.getpid(), os.getppid()):\n"  # the names a pid-named check would use
+        "    os.mkfifo(os.path.join(sys.argv[1], f'.write-check-{pid}'))\n"
+        "os.close(prepare(sys.argv[1], explicit=True).fd)\n"
+    )
+    # In a child with a bound: opening a planted FIFO would block forever.
+    subprocess.run([sys.executable, "-c", code, str(shared)], check=True, timeout=60)
+
+
+SESSIONS_IN_ONE_PROCESS = """
+import sys
+import pytest
+
+seen = []
+
+
+class Probe:
+    def pytest_sessionstart(self, session):
+        from pytest_ephemeral import lease_port
+
+        with lease_port() as port:
+            seen.append(port)
+
+
+runs = [sys.argv[1:3], sys.argv[3:5]]  # (range, lock dir) of each session
+for spec, lock_dir in runs:
+    options = [f"--ephemeral-port-range={spec}", f"--ephemeral-lock-dir={lock_dir}"]
+    code = pytest.main(["-q", "-p", "no:xdist", "-p", "no:cacheprovider", "--co", *options],
+                       plugins=[Probe()])
+    assert code in (0, 5), code
+low_a, low_b = (int(spec.split("-")[0]) for spec, _ in runs)
+assert seen[0] - low_a < 5 and seen[1] - low_b < 5, seen
+print("ok", seen)
+"""
+
+
+def test_lease_port_follows_each_session_in_one_process(
+    private_range: MakeRange, tmp_path: Path
+) -> None:
+    first, second = private_range(5), private_range(5)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SESSIONS_IN_ONE_PROCESS,
+            *(first.spec, str(first.lock_dir), second.spec, str(second.lock_dir)),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

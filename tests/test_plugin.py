@@ -523,3 +523,12 @@ def test_bad_arguments_get_one_clear_sentence(pytester: pytest.Pytester) -> None
     )
     result = pytester.runpytest_subprocess("-p", "no:xdist", timeout=120)
     result.assert_outcomes(passed=6)
+
+
+def test_session_end_leaks_follow_the_warning_filters(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_leaks=LEAKY_SESSION)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:xdist", "-v", "-W", "ignore::pytest_ephemeral.EphemeralPortWarning", timeout=120
+    )
+    result.assert_outcomes(passed=3, warnings=0)
+    result.stdout.fnmatch_lines(["ephemeral ports: * 0 leak warnings"])
