@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -140,28 +142,32 @@ def _wheel_problems(wheel: Path) -> list[str]:
 def summarize(report_path: Path) -> int:
     """Print which Pythons and dependency sets ran the suite; 1 if fewer than two Pythons did.
 
-    ``report_path`` is nox's ``--report`` JSON; the versions come from each session's marker.
+    ``report_path`` is nox's ``--report`` JSON; the versions come from each session's marker, and
+    the README command's run (made by ``.ci/run`` before nox) has a marker of its own.
     """
     sessions = json.loads(report_path.read_text())["sessions"]
+    results = {(entry["signatures"] or [entry["name"]])[0]: entry for entry in sessions}
+    # "name" is the function's; a parametrized session's own name is its first signature.
+    names = sorted({*results, *(path.stem for path in RAN_DIR.glob("*.json"))})
     pythons: set[str] = set()
     print("Test sessions:")
-    for entry in sessions:
-        # "name" is the function's; a parametrized session's own name is its first signature.
-        name = (entry["signatures"] or [entry["name"]])[0]
-        result = entry["result"]
+    for name in names:
         if not name.startswith(("tests-", "minimums")):
             continue
+        entry = results.get(name, {"result": "success", "reason": None})
         marker = RAN_DIR / f"{name}.json"
-        if result == "success" and marker.exists():
+        if entry["result"] == "success" and marker.exists():
             ran = json.loads(marker.read_text())
             pythons.add(".".join(ran["python"].split(".")[:2]))
             deps = "minimums" if name.startswith("minimums") else "newest"
+            how = "" if name in results else " (the README command, run by .ci/run)"
             print(
-                f"  {name}: passed on Python {ran['python']}, {deps}: pytest {ran['pytest']},"
+                f"  {name}: passed on Python {ran['python']}{how}, {deps}: pytest {ran['pytest']},"
                 f" filelock {ran['filelock']}, pytest-xdist {ran['pytest-xdist']}"
             )
         else:
-            print(f"  {name}: {result}" + (f" ({entry['reason']})" if entry["reason"] else ""))
+            reason = f" ({entry['reason']})" if entry["reason"] else ""
+            print(f"  {name}: {entry['result']}{reason}")
     print(f"Python versions that ran the suite: {', '.join(sorted(pythons)) or 'none'}")
     if len(pythons) < 2:
         print("FAILED: fewer than two Python versions ran the suite")
@@ -169,7 +175,33 @@ def summarize(report_path: Path) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    import sys
+def _minor() -> str:
+    return f"{sys.version_info[0]}.{sys.version_info[1]}"
 
-    sys.exit(summarize(Path(sys.argv[1])))
+
+def _main(argv: list[str]) -> int:
+    """For .ci/run: ``minor`` (this Python's X.Y), ``versions OUT`` (what this environment runs
+    the suite with, as a marker), ``sessions`` (nox -l --json on stdin: every session but this
+    Python's test session), ``summary REPORT``."""
+    command, *args = argv
+    if command == "minor":
+        print(_minor())
+    elif command == "versions":
+        out = Path(args[0])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ran = subprocess.run(
+            [sys.executable, "-c", VERSIONS_SCRIPT], capture_output=True, text=True, check=True
+        )
+        out.write_text(ran.stdout)
+    elif command == "sessions":
+        skip = f"tests-{_minor()}"
+        print(" ".join(s["session"] for s in json.load(sys.stdin) if s["session"] != skip))
+    elif command == "summary":
+        return summarize(Path(args[0]))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
