@@ -8,7 +8,9 @@ Whoever called it knows what the user can change: the plugin names its ``--ephem
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # not typing's: importing typing would cost more than this package's import
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class EphemeralError(Exception):
