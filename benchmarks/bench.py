@@ -445,7 +445,9 @@ def suite_cpu(runs: int, count: int) -> dict[str, Any]:
 
 
 def scale(trials: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as lock_dir:
+    # Lock dirs on the default lock dir's file system (tmpfs on Linux), as users get them.
+    on = os.path.dirname(default_lock_dir())
+    with tempfile.TemporaryDirectory(dir=on) as lock_dir:
         alloc = allocator(SCALE_RANGE, lock_dir, timeout=0)
         fills = []
         for _ in range(2):  # first creating every lock file, then with the files in place
@@ -481,7 +483,7 @@ def scale(trials: int) -> dict[str, Any]:
         finally:
             done.set()
             holder.join(WAIT)
-    with tempfile.TemporaryDirectory() as lock_dir:
+    with tempfile.TemporaryDirectory(dir=on) as lock_dir:
         replies = run_children(fill_job, [(SCALE_RANGE, lock_dir)] * 4)
     leased = [port for ports, _, _ in replies for port in ports]
     duplicates = len(leased) - len(set(leased))
