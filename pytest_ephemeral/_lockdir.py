@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 import sys
 from typing import NamedTuple
@@ -144,7 +143,7 @@ def _check_writable(path: str, fd: int) -> None:
     A new file of a random name (``O_EXCL``, never following or blocking on what another user of
     a shared directory may have planted at a name they could guess).
     """
-    name = f".write-check-{secrets.token_hex(8)}"
+    name = f".write-check-{os.urandom(8).hex()}"
     flags = (
         os.O_WRONLY
         | os.O_CREAT

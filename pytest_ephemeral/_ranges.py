@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from array import array
 from collections.abc import Callable, Iterable, Sequence
@@ -181,6 +180,8 @@ Runner = Callable[[Sequence[str]], str]
 
 def _run(command: Sequence[str]) -> str:
     """Output of a short system command; empty when it fails (the caller then knows nothing)."""
+    import subprocess  # only where a command is run (not on Linux): it costs start-up time
+
     try:
         # errors="replace": localised netsh writes the OEM code page; only the digits matter.
         done = subprocess.run(
