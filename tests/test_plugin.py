@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import sys
 import textwrap
@@ -170,8 +168,8 @@ def test_leases_of_a_killed_process_vanish_with_it(
     process, private = holder_process
     with pytest.raises(PortsExhausted, match="3 locked by other processes"):
         _allocator(private).lease()
-    os.kill(process.pid, signal.SIGKILL)
-    assert process.wait(timeout=30) == -signal.SIGKILL
+    process.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no cleanup either way
+    assert process.wait(timeout=30) != 0
     pytester.makepyfile(_lease_all_tests(3))
     result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
     result.assert_outcomes(passed=1)

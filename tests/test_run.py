@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import select
 import shlex
 import signal
@@ -21,6 +20,9 @@ from pytest_ephemeral import PortsExhausted, lease_port
 from pytest_ephemeral._run import _label, expand
 
 from .conftest import Holder, MakeRange, PrivateRange
+
+# POSIX signals, process groups and pseudo-terminals: none of it exists on Windows.
+pty = pytest.importorskip("pty", reason="POSIX signals and terminals")
 
 RUN = [sys.executable, "-m", "pytest_ephemeral", "run"]
 

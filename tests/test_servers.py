@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from .conftest import MakeRange
+
+# Real servers run as another POSIX user here (PostgreSQL refuses root): not on Windows.
+pwd = pytest.importorskip("pwd", reason="POSIX users")
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "servers"
 PG_CTL = shutil.which("pg_ctl") or max(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), default=None)
