@@ -405,14 +405,21 @@ def test_server(port, i):
 """
 
 
+def suite_dir(temp: str) -> tuple[Path, dict[str, str]]:
+    """A directory for a generated pytest suite under ``temp``, and the environment to run it in:
+    no PYTEST_* settings of ours, bytecode cached (in ``temp``), as in any installed package."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHONDONT"))}
+    env["PYTHONPYCACHEPREFIX"] = str(Path(temp, "pycache"))
+    suite = Path(temp, "suite")
+    suite.mkdir()
+    (suite / "pytest.ini").write_text("[pytest]\n")
+    return suite, env
+
+
 def suite_cpu(runs: int, count: int) -> dict[str, Any]:
     """CPU time of a suite whose servers close first: leased ports against the recipe."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHONDONT"))}
     with tempfile.TemporaryDirectory() as temp:
-        env["PYTHONPYCACHEPREFIX"] = str(Path(temp, "pycache"))
-        suite = Path(temp, "suite")
-        suite.mkdir()
-        (suite / "pytest.ini").write_text("[pytest]\n")
+        suite, env = suite_dir(temp)
         code = SERVER_TESTS.replace("COUNT", str(count)).replace("REQUESTS", "10")
         (suite / "test_servers.py").write_text(code)
         base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
@@ -558,13 +565,8 @@ def theft(procs: int, n: int, gap: float, os_range: tuple[int, int]) -> dict[str
 
 
 def startup(runs: int) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHONDONT"))}
     with tempfile.TemporaryDirectory() as temp:
-        # Bytecode is cached (in the temp dir), as in any installed package.
-        env["PYTHONPYCACHEPREFIX"] = str(Path(temp, "pycache"))
-        suite = Path(temp, "suite")
-        suite.mkdir()
-        (suite / "pytest.ini").write_text("[pytest]\n")
+        suite, env = suite_dir(temp)
         (suite / "conftest.py").write_text("")
         tests = "".join(f"def test_{i}():\n    pass\n\n\n" for i in range(500))
         (suite / "test_generated.py").write_text(tests)

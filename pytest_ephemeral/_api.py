@@ -14,7 +14,7 @@ from os import PathLike
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
-from ._errors import LockDirError, PortsExhausted
+from ._errors import Advice
 from ._settings import NAMES, Raw, Settings, env_layer, env_var, resolve, session_layers
 
 if TYPE_CHECKING:
@@ -36,14 +36,12 @@ def _env_key() -> tuple[object, ...]:
     return tuple(map(os.environ.get, _ENV_NAMES))
 
 
-_ADVICE = (
-    "Widen the range (port_range= or PYTEST_EPHEMERAL_PORT_RANGE), wait longer (timeout= or"
-    " PYTEST_EPHEMERAL_TIMEOUT), release ports sooner, or see who holds them with"
-    " `pytest-ephemeral status`."
-)
-_LOCK_DIR_ADVICE = (
-    "Fix this and try again, or choose another lock dir with lock_dir= or"
-    " PYTEST_EPHEMERAL_LOCK_DIR."
+_ADVICE = Advice(
+    lock_dir="Fix this and try again, or choose another lock dir with lock_dir= or"
+    " PYTEST_EPHEMERAL_LOCK_DIR.",
+    exhausted="Widen the range (port_range= or PYTEST_EPHEMERAL_PORT_RANGE), wait longer"
+    " (timeout= or PYTEST_EPHEMERAL_TIMEOUT), release ports sooner, or see who holds them with"
+    " `pytest-ephemeral status`.",
 )
 _resolved: dict[tuple[object, ...], Settings] = {}
 _resolved_mutex = threading.Lock()
@@ -78,16 +76,10 @@ class _Leased:
     def __enter__(self) -> list[int]:
         from ._allocator import allocator_for  # imports filelock: on the first lease
 
-        try:
+        with _ADVICE:
             settings = _settings(self._arguments)
             self._allocator = allocator_for(settings.lock_dir, settings.lock_dir_given)
             self._ports = self._allocator.lease_block(self._n, settings, self._protocol)
-        except LockDirError as error:
-            error.advice = error.advice or _LOCK_DIR_ADVICE
-            raise
-        except PortsExhausted as error:
-            error.advice = error.advice or _ADVICE
-            raise
         return self._ports
 
     def __exit__(

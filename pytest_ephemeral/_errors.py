@@ -109,5 +109,23 @@ class PortsExhausted(EphemeralError, RuntimeError):
         return "\n".join(lines)
 
 
+class Advice:
+    """``with Advice(lock_dir=..., exhausted=...):`` gives the core's errors that need advice
+    (a bad lock dir, an exhausted range) the caller's, in the caller's terms."""
+
+    def __init__(self, *, lock_dir: str, exhausted: str) -> None:
+        self._lock_dir = lock_dir
+        self._exhausted = exhausted
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        if isinstance(error, LockDirError):
+            error.advice = error.advice or self._lock_dir
+        elif isinstance(error, PortsExhausted):
+            error.advice = error.advice or self._exhausted
+
+
 for _public in (EphemeralError, ConfigError, LockDirError, PortsExhausted):
     _public.__module__ = "pytest_ephemeral"  # tracebacks show where users import them from

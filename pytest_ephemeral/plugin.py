@@ -21,7 +21,7 @@ from uuid import uuid4
 import pytest
 
 from . import _adopt
-from ._errors import ConfigError, LockDirError, PortsExhausted
+from ._errors import Advice, ConfigError
 from ._holder import Holder, this_process
 from ._settings import (
     NAMES,
@@ -61,11 +61,11 @@ _METAVAR = {
     "timeout": "SECONDS",
     "reuse_addr": "yes|no",
 }
-_ADVICE = (
-    "Widen the range (--ephemeral-port-range), lower -n, release ports sooner, or look for"
-    " leaked leases with `pytest-ephemeral status`."
+_ADVICE = Advice(
+    lock_dir="Fix this and try again, or choose another lock dir with --ephemeral-lock-dir.",
+    exhausted="Widen the range (--ephemeral-port-range), lower -n, release ports sooner, or look"
+    " for leaked leases with `pytest-ephemeral status`.",
 )
-_LOCK_DIR_ADVICE = "Fix this and try again, or choose another lock dir with --ephemeral-lock-dir."
 
 
 def _option(name: str) -> str:
@@ -250,16 +250,10 @@ class _Session:
     ) -> list[int]:
         """Lease ``n`` consecutive ports of ``settings.ports`` (default: the session's)."""
         allocator = self.allocator
-        try:
+        with _ADVICE:
             ports = allocator.lease_block(
                 n, settings or self.settings, protocol, nodeid, self.holder, self._stats
             )
-        except LockDirError as error:
-            error.advice = error.advice or _LOCK_DIR_ADVICE
-            raise
-        except PortsExhausted as error:
-            error.advice = error.advice or _ADVICE
-            raise
         self.ended.difference_update(ports)
         return ports
 
