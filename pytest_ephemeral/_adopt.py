@@ -36,14 +36,13 @@ import threading
 import warnings
 from collections.abc import Callable, Generator, Iterable, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ._errors import ConfigError, PortsExhausted
+from ._probe import Protocol
 from ._settings import Raw, Settings
-
-Protocol = Literal["tcp", "udp", "both"]
 
 if TYPE_CHECKING:
     from .plugin import EphemeralPortWarning, PortFactory, _Origin, _Session

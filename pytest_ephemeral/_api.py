@@ -12,15 +12,15 @@ import os
 import threading
 from os import PathLike
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from ._errors import Advice
+from ._probe import Protocol
 from ._settings import NAMES, Raw, Settings, env_layer, env_var, resolve, session_layers
 
 if TYPE_CHECKING:
     from ._allocator import PortAllocator
 
-Protocol = Literal["tcp", "udp", "both"]
 _ENV_NAMES = tuple(env_var(name) for name in NAMES)
 # Reading six variables through os.environ costs 4-5 us a lease (each missing one raises and
 # catches a KeyError); its own mapping answers in a tenth of that. CPython keeps it in _data,

@@ -17,9 +17,12 @@ import errno
 import functools
 import socket
 import sys
+from typing import Literal
 
 from ._errors import ConfigError
 
+#: What a lease is bind-checked for, as every public signature spells it.
+Protocol = Literal["tcp", "udp", "both"]
 PROTOCOLS: dict[str, tuple[socket.SocketKind, ...]] = {
     "tcp": (socket.SOCK_STREAM,),
     "udp": (socket.SOCK_DGRAM,),

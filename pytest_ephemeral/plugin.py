@@ -23,6 +23,7 @@ import pytest
 from . import _adopt
 from ._errors import Advice, ConfigError
 from ._holder import Holder, this_process
+from ._probe import Protocol
 from ._settings import (
     NAMES,
     Layer,
@@ -38,7 +39,6 @@ from ._settings import (
 if TYPE_CHECKING:
     from ._allocator import PortAllocator, Stats
 
-Protocol = Literal["tcp", "udp", "both"]
 SocketProtocol = Literal["tcp", "udp"]
 
 _HELP = {

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from pytest_ephemeral._allocator import Stats, allocator_for
-from pytest_ephemeral._api import Protocol
+from pytest_ephemeral._probe import Protocol
 from pytest_ephemeral._settings import Settings
 
 #: Inner code (a test module or a script) starts with this: ``hold(port)`` binds a real listener
