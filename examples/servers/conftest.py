@@ -17,9 +17,11 @@ Three lifetimes, from the cheapest to the most isolated:
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 
 import port_for
+import psycopg
 import pytest
 from pytest_postgresql import factories as postgresql_factories
 from pytest_postgresql.config import get_config as postgresql_config
@@ -60,9 +62,30 @@ def module_postgresql(
     executor.start()
     try:
         executor.wait_for_postgres()
+        _wait_for_logins(executor)
         yield executor
     finally:
         executor.stop()
+
+
+def _wait_for_logins(executor: PostgreSQLExecutor, seconds: float = 60) -> None:
+    """Until PostgreSQL accepts a login: it accepts TCP connections (all the executor waits for)
+    a moment before it lets anyone in ("the database system is starting up")."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with psycopg.connect(
+                host=executor.host,
+                port=executor.port,
+                user=executor.user,
+                dbname="postgres",
+                connect_timeout=5,
+            ):
+                return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @pytest.fixture
