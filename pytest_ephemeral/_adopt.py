@@ -467,15 +467,15 @@ def _unused_udp_port(free_ports: PortFactory) -> int:
 
 
 @pytest.fixture(name="unused_tcp_port_factory", scope="session")
-def _unused_tcp_port_factory(port_factory: Any) -> Callable[[], int]:
+def _unused_tcp_port_factory(port_factory: PortFactory) -> Callable[[], int]:
     """Leases TCP ports until the session ends (pytest-ephemeral's, for pytest-asyncio's)."""
-    return lambda: int(port_factory(protocol="tcp"))
+    return lambda: port_factory(protocol="tcp")
 
 
 @pytest.fixture(name="unused_udp_port_factory", scope="session")
-def _unused_udp_port_factory(port_factory: Any) -> Callable[[], int]:
+def _unused_udp_port_factory(port_factory: PortFactory) -> Callable[[], int]:
     """Leases UDP ports until the session ends (pytest-ephemeral's, for pytest-asyncio's)."""
-    return lambda: int(port_factory(protocol="udp"))
+    return lambda: port_factory(protocol="udp")
 
 
 @pytest.fixture(name="free_tcp_port")
@@ -491,13 +491,13 @@ def _free_udp_port(free_ports: PortFactory) -> int:
 
 
 @pytest.fixture(name="free_tcp_port_factory", scope="session")
-def _free_tcp_port_factory(port_factory: Any) -> Any:
+def _free_tcp_port_factory(port_factory: PortFactory) -> Any:
     """anyio's ``FreePortFactory``, leasing TCP ports until the session ends."""
     return _anyio_factory(port_factory, socket.SOCK_STREAM)
 
 
 @pytest.fixture(name="free_udp_port_factory", scope="session")
-def _free_udp_port_factory(port_factory: Any) -> Any:
+def _free_udp_port_factory(port_factory: PortFactory) -> Any:
     """anyio's ``FreePortFactory``, leasing UDP ports until the session ends."""
     return _anyio_factory(port_factory, socket.SOCK_DGRAM)
 
@@ -510,15 +510,15 @@ def _fixture_plugin(adapter: str, *fixtures: object) -> ModuleType:
     return module
 
 
-def _anyio_factory(port_factory: Any, kind: socket.SocketKind) -> Any:
+def _anyio_factory(port_factory: PortFactory, kind: socket.SocketKind) -> Any:
     """An instance of anyio's own ``FreePortFactory`` (so ``isinstance`` and ``.kind`` hold)."""
     from anyio.pytest_plugin import FreePortFactory
 
-    protocol = "tcp" if kind == socket.SOCK_STREAM else "udp"
+    protocol: Protocol = "tcp" if kind == socket.SOCK_STREAM else "udp"
 
     class LeasedFreePortFactory(FreePortFactory):
         def __call__(self, family: socket.AddressFamily | None = None) -> int:
             # The bind check covers IPv4 and IPv6 (a dual-stack socket), whatever the family.
-            return int(port_factory(protocol=protocol))
+            return port_factory(protocol=protocol)
 
     return LeasedFreePortFactory(kind)

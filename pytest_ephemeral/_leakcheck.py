@@ -152,7 +152,7 @@ def reusable(port: int, targets: Targets) -> bool:
     other things (on Windows it would even steal a bound port), so never."""
     if not sys.platform.startswith("linux"):
         return False
-    if tcp_states(port, _LISTENERS) != [] or not binds_with_reuse(port, targets):
+    if not binds_with_reuse(port, targets):  # a listener, or a socket without SO_REUSEADDR
         return False
     # A bind with SO_REUSEADDR also passes a socket bound with it and about to listen (another
     # program's server between bind and listen): only connections and TIME_WAIT may be left.
