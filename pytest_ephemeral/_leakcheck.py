@@ -7,11 +7,12 @@ still be closing theirs, and a port they keep is simply skipped by the next leas
 A bind probe answers the common case cheaply: the port binds, nothing uses it. It cannot tell a
 leak from a harmless TIME_WAIT (both make a bind fail), so when a TCP bind fails on Linux:
 
-1. The kernel is asked over netlink ``sock_diag`` for listeners on that one port (it walks only
-   its small table of listeners): one found is a leak.
-2. A bind WITH ``SO_REUSEADDR`` succeeds when every socket left on the port set it and does not
-   listen: the TIME_WAIT and connections of a server that set it, as servers do. Not a leak. (A
-   socket bound with ``SO_REUSEADDR`` and never listening passes too: the one case not reported.)
+1. A bind WITH ``SO_REUSEADDR`` succeeds when every socket left on the port set it and does not
+   listen: the TIME_WAIT and connections of a server that set it, as servers do. Not a leak, and
+   the common case, answered without asking the kernel anything. (A socket bound with
+   ``SO_REUSEADDR`` and never listening passes too: the one case not reported.)
+2. Otherwise the kernel is asked over netlink ``sock_diag`` for listeners on that one port (it
+   walks only its small table of listeners): one found is a leak.
 3. Otherwise the kernel lists every socket on the port (this walks its whole table of
    connections, a quarter of a millisecond on a large machine): connections and TIME_WAIT only are
    not a leak; a socket bound but not listening is (Linux 6.x lists those; a failed bind with
@@ -163,13 +164,15 @@ def reusable(port: int, targets: Targets) -> bool:
 
 
 def _tcp_use(port: int, host: str, targets: Targets) -> str | None:
+    if not sys.platform.startswith("linux"):
+        return _tcp_use_by_connecting(port, host)
+    if binds_with_reuse(port, targets):
+        return None  # only what a server that set SO_REUSEADDR leaves: TIME_WAIT, connections
     listeners = tcp_states(port, _LISTENERS)
     if listeners is None:
         return _tcp_use_by_connecting(port, host)
     if listeners:
         return "listening (TCP)"
-    if binds_with_reuse(port, targets):
-        return None  # only what a server that set SO_REUSEADDR leaves: TIME_WAIT, connections
     states = tcp_states(port) or []
     if _CLOSE in states or not states:  # not listed at all: an older kernel's bound socket
         return "bound (TCP)"
