@@ -225,9 +225,9 @@ class PortAllocator:
             lease = self._held.get(port)
             if lease is None:
                 raise ValueError(f"port {port} is not leased in {self.lock_dir}")
-            try:
-                if self._dir is not None and identity(self.lock_dir) != self._dir[1:]:
-                    self._recover()  # the dir vanished: the other held ports need new locks
+            try:  # the dir vanished: the other ports held here need new locks (if there are any)
+                if len(self._held) > 1 and self._dir is not None and not self._dir_unchanged():
+                    self._recover()
             finally:  # a recovery that fails (a symlink planted meanwhile) keeps no lock here
                 del self._held[port]
                 unlock(lease.fd, lease.pid)
@@ -249,8 +249,13 @@ class PortAllocator:
             raise self._failure
         if self._dir is None:
             self._prepare()
-        elif identity(self.lock_dir) != self._dir[1:]:
+        elif not self._dir_unchanged():
             self._recover()
+
+    def _dir_unchanged(self) -> bool:
+        """Whether the lock dir prepared is still the one at its path (not gone, not replaced)."""
+        assert self._dir is not None
+        return identity(self.lock_dir) == self._dir[1:]
 
     def _prepare(self) -> Prepared:
         try:

@@ -43,42 +43,45 @@ _ADVICE = Advice(
     " (timeout= or PYTEST_EPHEMERAL_TIMEOUT), release ports sooner, or see who holds them with"
     " `pytest-ephemeral status`.",
 )
-_resolved: dict[tuple[object, ...], Settings] = {}
+_resolved: dict[tuple[object, ...], tuple[Settings, PortAllocator]] = {}
 _resolved_mutex = threading.Lock()
 _MAX_RESOLVED = 32
 
 
-def _settings(arguments: tuple[tuple[str, object], ...]) -> Settings:
-    """The settings for these arguments over the defaults, resolved once per distinct input."""
+def _resolve(arguments: tuple[tuple[str, object], ...]) -> tuple[Settings, PortAllocator]:
+    """The settings for these arguments over the defaults, and the allocator of their lock dir:
+    resolved once per distinct input."""
     session, generation = session_layers()
     key = (arguments, generation if session else _env_key())
-    settings = _resolved.get(key)  # a dict read is atomic; writes take the mutex
-    if settings is None:
+    found = _resolved.get(key)  # a dict read is atomic; writes take the mutex
+    if found is None:
+        from ._allocator import allocator_for  # imports filelock: on the first lease
+
         given = {name: Raw(value, f"argument {name}=") for name, value in arguments}
         settings = resolve(given, *(session or (env_layer(os.environ),)))
+        found = settings, allocator_for(settings.lock_dir, settings.lock_dir_given)
         with _resolved_mutex:
             if len(_resolved) >= _MAX_RESOLVED:
                 _resolved.clear()
-            _resolved[key] = settings
-    return settings
+            _resolved[key] = found
+    return found
 
 
 class _Leased:
     """The context manager ``lease_block`` returns: leases on enter, releases on exit."""
 
-    def __init__(self, n: int, protocol: Protocol, arguments: dict[str, object]) -> None:
+    __slots__ = ("_allocator", "_arguments", "_n", "_ports", "_protocol")
+
+    def __init__(self, n: int, protocol: Protocol, arguments: tuple[tuple[str, object], ...]):
         self._n = n
         self._protocol = protocol
-        self._arguments = tuple((k, v) for k, v in arguments.items() if v is not None)
+        self._arguments = arguments
         self._ports: list[int] = []
         self._allocator: PortAllocator | None = None
 
     def __enter__(self) -> list[int]:
-        from ._allocator import allocator_for  # imports filelock: on the first lease
-
         with _ADVICE:
-            settings = _settings(self._arguments)
-            self._allocator = allocator_for(settings.lock_dir, settings.lock_dir_given)
+            settings, self._allocator = _resolve(self._arguments)
             self._ports = self._allocator.lease_block(self._n, settings, self._protocol)
         return self._ports
 
@@ -100,8 +103,18 @@ class _Leased:
 
 
 class _LeasedPort(_Leased):
+    __slots__ = ()
+
     def __enter__(self) -> int:  # type: ignore[override]
         return super().__enter__()[0]
+
+
+def _arguments(*values: object) -> tuple[tuple[str, object], ...]:
+    """The keywords given to ``lease_port``/``lease_block`` after ``protocol``, with their names."""
+    return tuple(item for item in zip(_ARGUMENT_NAMES, values, strict=True) if item[1] is not None)
+
+
+_ARGUMENT_NAMES = ("host", "port_range", "exclude", "lock_dir", "timeout")
 
 
 def lease_block(
@@ -120,9 +133,7 @@ def lease_block(
     left out comes from its ``PYTEST_EPHEMERAL_*`` environment variable, then the default. Raises
     ``ConfigError`` for a bad value and ``PortsExhausted`` when no ports free up within ``timeout``.
     """
-    arguments: dict[str, object] = {"host": host, "port_range": port_range, "exclude": exclude}
-    arguments.update(lock_dir=lock_dir, timeout=timeout)
-    return _Leased(n, protocol, arguments)
+    return _Leased(n, protocol, _arguments(host, port_range, exclude, lock_dir, timeout))
 
 
 def lease_port(
@@ -136,9 +147,7 @@ def lease_port(
 ) -> _LeasedPort:
     """Lease one port, bind-checked for ``protocol`` ("tcp", "udp" or "both"), for the ``with``
     block: ``with lease_port() as port:``. Takes the same keywords as ``lease_block``."""
-    arguments: dict[str, object] = {"host": host, "port_range": port_range, "exclude": exclude}
-    arguments.update(lock_dir=lock_dir, timeout=timeout)
-    return _LeasedPort(1, protocol, arguments)
+    return _LeasedPort(1, protocol, _arguments(host, port_range, exclude, lock_dir, timeout))
 
 
 lease_block.__module__ = lease_port.__module__ = "pytest_ephemeral"
