@@ -8,8 +8,8 @@ process just released is the last one it comes back to (giving its TIME_WAIT tim
 What a lease is for (range, protocol, host, timeout, holder) comes with each request, as a resolved
 ``Settings`` and arguments; what belongs to the lock dir (the held ports, whichever code leased
 them, and the prepared directory) lives here, once per process. The directory is prepared on the
-first lease; if it vanishes or is replaced mid-run, the next lease or release recreates it and locks
-this process's held ports again before leasing anything new.
+first lease; if it vanishes or is replaced mid-run, the next lease (or the release of one of several
+held ports) recreates it and locks this process's held ports again before leasing anything new.
 """
 
 from __future__ import annotations

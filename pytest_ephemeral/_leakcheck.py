@@ -4,13 +4,14 @@ What counts as a leak is what a forgotten server leaves: a TCP listener, a TCP s
 bound, or a bound UDP socket. Connections do not count: a stopped server's handler threads may
 still be closing theirs, and a port they keep is simply skipped by the next lease.
 
-A bind probe answers the common case cheaply: the port binds, nothing uses it. It cannot tell a
-leak from a harmless TIME_WAIT (both make a bind fail), so when a TCP bind fails on Linux:
+A plain bind probe cannot tell a leak from a harmless TIME_WAIT (both make it fail), so on Linux a
+TCP port is checked in up to three steps, each only when the one before is not conclusive:
 
-1. A bind WITH ``SO_REUSEADDR`` succeeds when every socket left on the port set it and does not
-   listen: the TIME_WAIT and connections of a server that set it, as servers do. Not a leak, and
-   the common case, answered without asking the kernel anything. (A socket bound with
-   ``SO_REUSEADDR`` and never listening passes too: the one case not reported.)
+1. A bind WITH ``SO_REUSEADDR`` succeeds when nothing is on the port, or when every socket left on
+   it set that option and does not listen: the TIME_WAIT and connections of a server that set it,
+   as servers do. Not a leak, and the common case, answered in microseconds without asking the
+   kernel anything. (A socket bound with ``SO_REUSEADDR`` and never listening passes too: the one
+   case not reported.)
 2. Otherwise the kernel is asked over netlink ``sock_diag`` for listeners on that one port (it
    walks only its small table of listeners): one found is a leak.
 3. Otherwise the kernel lists every socket on the port (this walks its whole table of
@@ -18,8 +19,9 @@ leak from a harmless TIME_WAIT (both make a bind fail), so when a TCP bind fails
    not a leak; a socket bound but not listening is (Linux 6.x lists those; a failed bind with
    nothing listed counts as one on older kernels).
 
-Where netlink is not allowed, ``/proc/net/tcp`` and ``tcp6`` are read instead. Elsewhere the best
-available check is a TCP connect to the port on the leased host, which finds a listener still
+Where netlink is not allowed, ``/proc/net/tcp`` and ``tcp6`` are read instead. Elsewhere a plain
+bind answers the common case (it binds: nothing uses the port), and the best available check after
+a failed one is a TCP connect to the port on the leased host, which finds a listener still
 accepting, not a socket bound but not listening nor a listener on another address. UDP has no
 TIME_WAIT: a failed UDP bind always means a socket is still bound.
 
@@ -41,6 +43,7 @@ from ._probe import Targets, binds_with_reuse, is_free
 
 _LISTEN, _CLOSE = 10, 7  # kernel TCP states: a listener; a socket bound but not connected
 _PROC_NET = Path("/proc/net")
+_LINUX = sys.platform.startswith("linux")
 #: How long something found may take to go away before it is a leak: a few polls, ~60 ms in all.
 GRACE = (0.002, 0.004, 0.008, 0.016, 0.03)
 
@@ -133,7 +136,7 @@ def tcp_states(port: int, wanted: int = _ALL_STATES) -> list[int] | None:
     """Kernel states of the TCP sockets on local ``port`` among the ``wanted`` states (a bit mask
     of kernel state numbers); None where the kernel cannot be asked (not Linux)."""
     global _netlink_works
-    if not sys.platform.startswith("linux"):
+    if not _LINUX:
         return None
     if _netlink_works:
         try:
@@ -151,7 +154,7 @@ def reusable(port: int, targets: Targets) -> bool:
     bind fails: nothing listens there and every other socket on it set ``SO_REUSEADDR`` (the
     TIME_WAIT and connections such a server leaves). Linux only: elsewhere ``SO_REUSEADDR`` means
     other things (on Windows it would even steal a bound port), so never."""
-    if not sys.platform.startswith("linux"):
+    if not _LINUX:
         return False
     if not binds_with_reuse(port, targets):  # a listener, or a socket without SO_REUSEADDR
         return False
@@ -163,9 +166,7 @@ def reusable(port: int, targets: Targets) -> bool:
     return _LISTEN not in states and _CLOSE not in states
 
 
-def _tcp_use(port: int, host: str, targets: Targets) -> str | None:
-    if not sys.platform.startswith("linux"):
-        return _tcp_use_by_connecting(port, host)
+def _tcp_use_on_linux(port: int, host: str, targets: Targets) -> str | None:
     if binds_with_reuse(port, targets):
         return None  # only what a server that set SO_REUSEADDR leaves: TIME_WAIT, connections
     listeners = tcp_states(port, _LISTENERS)
@@ -195,9 +196,13 @@ def _use_now(
 ) -> str | None:
     if socket.SOCK_DGRAM in kinds and not is_free(port, (socket.SOCK_DGRAM,), targets):
         return "bound (UDP)"
-    if socket.SOCK_STREAM not in kinds or is_free(port, (socket.SOCK_STREAM,), targets):
+    if socket.SOCK_STREAM not in kinds:
         return None
-    return _tcp_use(port, host, targets)
+    if _LINUX:  # the bind with SO_REUSEADDR passes wherever a plain one would: no need for both
+        return _tcp_use_on_linux(port, host, targets)
+    if is_free(port, (socket.SOCK_STREAM,), targets):
+        return None
+    return _tcp_use_by_connecting(port, host)
 
 
 def still_in_use(
