@@ -398,7 +398,12 @@ def test_ctrl_c_at_a_terminal_reaches_the_command_once(private_range: MakeRange)
         with subprocess.Popen(command, stdin=slave, stdout=subprocess.PIPE, bufsize=0) as runner:
             try:
                 read_line(runner)  # the child's pid: it is ready
-                os.write(master, b"\x03")  # Ctrl-C
+                assert os.tcgetpgrp(master) == runner.pid, "not the terminal's foreground group"
+                # What Ctrl-C at the terminal does: SIGINT to the whole foreground process group.
+                # (Writing ^C to the pty did that too, but on a loaded machine it once in a few
+                # full-suite runs never reached the command; the signal, not the pty's line
+                # discipline, is what this test is about.)
+                os.killpg(runner.pid, signal.SIGINT)
                 assert read_line(runner) == "int 1"
                 runner.send_signal(signal.SIGTERM)  # after a forwarded SIGINT, if there were one
                 assert read_line(runner) == "term after 1 int"
