@@ -436,7 +436,8 @@ def paired_cpu(ours: Run, theirs: Run, runs: int) -> tuple[list[float], list[flo
 
     Starting both at once (which one first alternates) makes a change in the machine's load hit
     both alike: on this shared 2-core machine that cut the spread of the suite's ratios from about
-    0.95-1.24 (one run after the other) to about 1.01-1.09.
+    0.95-1.24 (one run after the other) to about 1.01-1.14. A run still going after ``WAIT``
+    seconds is killed, and so is the other one of its pair when a run fails.
     """
     base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist"]
     env = child_env(str(ours[0].parent))
@@ -464,7 +465,18 @@ def paired_cpu(ours: Run, theirs: Run, runs: int) -> tuple[list[float], list[flo
     for i in range(runs + 1):  # the first pair warms up: bytecode caches, lock files
         pair = (ours, theirs) if i % 2 else (theirs, ours)
         started = [(run, start(run)) for run in pair]
-        times = {run[0]: cpu(process, run) for run, process in started}
+        watchdogs = [threading.Timer(WAIT, process.kill) for _, process in started]
+        for watchdog in watchdogs:
+            watchdog.start()
+        try:
+            times = {run[0]: cpu(process, run) for run, process in started}
+        finally:
+            for watchdog in watchdogs:
+                watchdog.cancel()
+            for _, process in started:
+                if process.returncode is None:  # its partner failed: do not leave it running
+                    process.kill()
+                    process.wait()
         if i:
             mine.append(times[ours[0]])
             others.append(times[theirs[0]])
@@ -708,15 +720,18 @@ def table(machine: dict[str, Any], r: Results) -> str:
         f"4:   {th['background_connections']} outgoing loopback connections"
         f" ({th['background_per_s']:.0f}/s) in the background meanwhile.",
         "5:   the recipe column is the same suite run with -p no:ephemeral; runs paired as in 1.",
-        f"1:   lock files created on {lat['create_fs']} (the default lock dir's file system);"
-        f" {lat['end_time_wait_sockets']} sockets",
-        "     in TIME_WAIT during the lease-end rounds. The suite: "
-        f"{cpu['suite_tests']} tests, each a threaded HTTP/1.0 server",
-        "     and 10 requests, on free_port against the suite's own recipe fixture (no plugin);",
-        f"     both suites started at once in each of {cpu['suite_runs']} pairs; the ratio is the"
-        " pairs' median",
-        f"     (the pairs ranged from {cpu['suite_ratio_range'][0]:.3f} to"
+        f"1:   lock files created on {lat['create_fs']} (the default lock dir's file system). Lease"
+        " end: the port in",
+        "     TIME_WAIT left by a server that set SO_REUSEADDR, with"
+        f" {lat['end_time_wait_sockets']} sockets in TIME_WAIT on the machine.",
+        f"     The suite: {cpu['suite_tests']} tests, each a threaded HTTP/1.0 server and 10"
+        " requests, on free_port",
+        "     against the suite's own recipe fixture (no plugin); both suites started at once in"
+        f" each of {cpu['suite_runs']} pairs",
+        f"     (pair ratios from {cpu['suite_ratio_range'][0]:.3f} to"
         f" {cpu['suite_ratio_range'][1]:.3f}).",
+        "1,5: paired runs: the columns are medians of the runs, the ratio the median of the pairs'",
+        "     ratios (so it need not equal the columns' quotient).",
         f"Auto-range sections use the shared lock dir {machine['default_lock_dir']}.",
     ]
     return "\n".join(lines)

@@ -225,7 +225,9 @@ class PortAllocator:
             lease = self._held.get(port)
             if lease is None:
                 raise ValueError(f"port {port} is not leased in {self.lock_dir}")
-            try:  # the dir vanished: the other ports held here need new locks (if there are any)
+            # If the dir vanished, the other ports held here need new locks; when this port is
+            # the only one, there is nothing to lock again, and the next lease checks the dir.
+            try:
                 if len(self._held) > 1 and self._dir is not None and not self._dir_unchanged():
                     self._recover()
             finally:  # a recovery that fails (a symlink planted meanwhile) keeps no lock here

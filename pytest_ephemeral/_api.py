@@ -109,12 +109,13 @@ class _LeasedPort(_Leased):
         return super().__enter__()[0]
 
 
-def _arguments(*values: object) -> tuple[tuple[str, object], ...]:
-    """The keywords given to ``lease_port``/``lease_block`` after ``protocol``, with their names."""
-    return tuple(item for item in zip(_ARGUMENT_NAMES, values, strict=True) if item[1] is not None)
-
-
 _ARGUMENT_NAMES = ("host", "port_range", "exclude", "lock_dir", "timeout")
+
+
+def _arguments(*values: object) -> tuple[tuple[str, object], ...]:
+    """The keywords given to ``lease_port``/``lease_block`` after ``protocol``, with their names
+    (``values`` in the order of ``_ARGUMENT_NAMES``)."""
+    return tuple(item for item in zip(_ARGUMENT_NAMES, values, strict=True) if item[1] is not None)
 
 
 def lease_block(

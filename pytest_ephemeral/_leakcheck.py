@@ -10,7 +10,7 @@ TCP port is checked in up to three steps, each only when the one before is not c
 1. A bind WITH ``SO_REUSEADDR`` succeeds when nothing is on the port, or when every socket left on
    it set that option and does not listen: the TIME_WAIT and connections of a server that set it,
    as servers do. Not a leak, and the common case, answered in microseconds without asking the
-   kernel anything. (A socket bound with ``SO_REUSEADDR`` and never listening passes too: the one
+   kernel anything. (A socket bound with ``SO_REUSEADDR`` and not listening passes too: the one
    case not reported.)
 2. Otherwise the kernel is asked over netlink ``sock_diag`` for listeners on that one port (it
    walks only its small table of listeners): one found is a leak.

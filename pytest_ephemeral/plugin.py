@@ -185,13 +185,6 @@ class PortFactory:
             sock.close()
         return self._session.end_lease(port, origin)
 
-    def _end_test(self) -> None:
-        """At the teardown of the test that owns this factory: end its leases, and warn of each
-        port still in use at the test (shown under its node id)."""
-        assert self._owner is not None
-        for _, warning in self._end_all():
-            self._owner.warn(warning)
-
     def _end_all(self) -> list[tuple[_Origin, EphemeralPortWarning]]:
         """End every lease still held; the leaks found, with who leased each.
 
@@ -487,21 +480,15 @@ def free_ports(request: pytest.FixtureRequest, port_factory: PortFactory) -> Ite
     """
     factory = PortFactory(port_factory._session, request.node)
     yield factory
-    factory._end_test()
+    for _, warning in factory._end_all():
+        request.node.warn(warning)  # located at the test, shown under its node id
 
 
 @pytest.fixture
-def free_port(port_factory: PortFactory) -> Iterator[int]:
+def free_port(free_ports: PortFactory) -> int:
     """A TCP port leased for this test alone: free now, and held from other tests and pytest runs
     until this test's teardown, after the fixtures that use it."""
-    # Not built on free_ports, nor given request: each fixture a test sets up costs it some 20 us
-    # of pytest's machinery, and this one is set up for every test that starts a server.
-    session = port_factory._session
-    if session.item is None:
-        raise RuntimeError("free_port is set up outside a test")
-    factory = PortFactory(session, session.item)
-    yield factory()
-    factory._end_test()
+    return free_ports()
 
 
 @pytest.fixture

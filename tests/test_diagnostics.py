@@ -318,18 +318,24 @@ def test_only_the_protocols_of_the_lease_are_checked(port_and_targets: tuple[int
         assert still_in_use(port, "127.0.0.1", targets, TCP) == "listening (TCP)"
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1", "0.0.0.0", "::1", "::"])
+@pytest.mark.parametrize(
+    ("address", "reuse_port"),
+    [("127.0.0.1", False), ("127.0.0.2", False), ("0.0.0.0", False), ("::1", False), ("::", False),
+     ("127.0.0.1", True), ("::1", True)],
+)  # fmt: skip
 def test_a_listener_that_set_so_reuseaddr_is_a_leak_beside_its_time_wait(
-    port_and_targets: tuple[int, Targets], address: str
+    port_and_targets: tuple[int, Targets], address: str, reuse_port: bool
 ) -> None:
-    """Servers set SO_REUSEADDR; the quick check for TIME_WAIT binds with it too, so only the
-    kernel refusing that bind (a listener) may tell a leaked server from the TIME_WAIT it left."""
+    """Servers set SO_REUSEADDR (some SO_REUSEPORT too); the quick check for TIME_WAIT binds with
+    SO_REUSEADDR, so only the kernel refusing that bind to a listener, on any address, may tell a
+    leaked server from the TIME_WAIT it left."""
     port, targets = port_and_targets
     family = AF_INET6 if ":" in address else AF_INET
     if family == AF_INET6 and not ipv6_available():
         pytest.skip("IPv6 is off on this machine")
-    loopback = "::1" if family == AF_INET6 else "127.0.0.1"
-    with socket.create_server((address, port), family=family) as server:  # sets SO_REUSEADDR
+    loopback = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address)
+    # create_server sets SO_REUSEADDR, and IPV6_V6ONLY on an IPv6 socket
+    with socket.create_server((address, port), family=family, reuse_port=reuse_port) as server:
         client = socket.create_connection((loopback, port))
         accepted, _ = server.accept()
         accepted.close()  # the server closes first: TIME_WAIT on its port, beside the listener

@@ -482,6 +482,16 @@ def test_free_ports_leases_for_one_test(pytester: pytest.Pytester, monkeypatch: 
             with pytest.raises(ValueError, match=f"port {block[0]} was already released"):
                 free_ports.release(block[0])
 
+        def test_free_port_and_free_socket_share_the_tests_free_ports(
+            free_port, free_socket, free_ports
+        ):
+            port = free_socket.getsockname()[1]
+            free_ports.release(free_port)  # one factory: each lease can be ended through it
+            free_ports.release(port)
+            assert free_socket.fileno() == -1  # closed with its lease
+            for ended in (free_port, port):
+                assert read_live_record(os.environ["LOCK_DIR"], ended) is None
+
         def test_leaks_are_this_tests(free_ports):
             leftover = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             leftover.bind(("127.0.0.1", free_ports(protocol="udp")))
@@ -489,7 +499,7 @@ def test_free_ports_leases_for_one_test(pytester: pytest.Pytester, monkeypatch: 
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
-    result.assert_outcomes(passed=2, warnings=1)
+    result.assert_outcomes(passed=3, warnings=1)
     result.stdout.fnmatch_lines(
         ["*::test_leaks_are_this_tests", "*leased by *::test_leaks_are_this_tests, is still bound*"]
     )
