@@ -34,7 +34,7 @@ import socket
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -454,16 +454,22 @@ class _PatchAfter(importlib.abc.Loader):
 # --- fixture adapters ---------------------------------------------------------------------------
 
 
+def _for_this_test(request: pytest.FixtureRequest, protocol: Protocol) -> Iterator[int]:
+    from .plugin import _one_port  # not at the top: the plugin module imports this one
+
+    return _one_port(request, protocol)
+
+
 @pytest.fixture(name="unused_tcp_port")
-def _unused_tcp_port(free_ports: PortFactory) -> int:
+def _unused_tcp_port(request: pytest.FixtureRequest) -> Iterator[int]:
     """A TCP port leased for this test (pytest-ephemeral's, in place of pytest-asyncio's)."""
-    return free_ports(protocol="tcp")
+    yield from _for_this_test(request, "tcp")
 
 
 @pytest.fixture(name="unused_udp_port")
-def _unused_udp_port(free_ports: PortFactory) -> int:
+def _unused_udp_port(request: pytest.FixtureRequest) -> Iterator[int]:
     """A UDP port leased for this test (pytest-ephemeral's, in place of pytest-asyncio's)."""
-    return free_ports(protocol="udp")
+    yield from _for_this_test(request, "udp")
 
 
 @pytest.fixture(name="unused_tcp_port_factory", scope="session")
@@ -479,15 +485,15 @@ def _unused_udp_port_factory(port_factory: PortFactory) -> Callable[[], int]:
 
 
 @pytest.fixture(name="free_tcp_port")
-def _free_tcp_port(free_ports: PortFactory) -> int:
+def _free_tcp_port(request: pytest.FixtureRequest) -> Iterator[int]:
     """A TCP port leased for this test (pytest-ephemeral's, in place of anyio's)."""
-    return free_ports(protocol="tcp")
+    yield from _for_this_test(request, "tcp")
 
 
 @pytest.fixture(name="free_udp_port")
-def _free_udp_port(free_ports: PortFactory) -> int:
+def _free_udp_port(request: pytest.FixtureRequest) -> Iterator[int]:
     """A UDP port leased for this test (pytest-ephemeral's, in place of anyio's)."""
-    return free_ports(protocol="udp")
+    yield from _for_this_test(request, "udp")
 
 
 @pytest.fixture(name="free_tcp_port_factory", scope="session")

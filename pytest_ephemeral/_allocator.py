@@ -285,9 +285,9 @@ class PortAllocator:
                 self._lost.append(lease.port)
                 continue
             unlock(lease.fd, lease.pid)
-            lease.fd, lease.pid = fd, os.getpid()
+            lease.fd, lease.pid = fd, pid
             with contextlib.suppress(OSError):  # the record is a detail; the lock is the lease
-                write_record(fd, lease.holder, lease.port, lease.nodeid, time.time())
+                write_record(fd, lease.holder, lease.port, lease.nodeid, time.time(), pid)
 
     def _warn_lost(self) -> None:
         if self._lost:
@@ -396,7 +396,7 @@ class PortAllocator:
                 verdict = FREE
             if verdict == FREE:
                 try:
-                    write_record(fd, holder, port, nodeid, time.time())
+                    write_record(fd, holder, port, nodeid, time.time(), pid)
                 except OSError as error:
                     seen.unrecorded.append(f"could not record the holder of port {port}: {error}")
                     _void_record(fd)

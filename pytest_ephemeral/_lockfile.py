@@ -138,15 +138,18 @@ def unlock(fd: int, owner_pid: int) -> None:
         os.close(fd)
 
 
-def write_record(fd: int, holder: Holder, port: int, nodeid: str | None, since: float) -> None:
-    """Write who holds the lease over the start of its lock file, through the locked descriptor.
+def write_record(
+    fd: int, holder: Holder, port: int, nodeid: str | None, since: float, pid: int
+) -> None:
+    """Write who holds the lease (``pid``, this process, and ``holder``'s details) over the start
+    of its lock file, through the locked descriptor.
 
     Readers take the first line after byte 0, so an older, longer record's tail is ignored, and a
     record written by a lease that then failed its bind check sits in a file nobody has locked:
     never shown. Raises ``OSError`` (no space, say): a missing record costs details, not the lease.
     """
     data = (
-        f'\n{{"port": {port}, "pid": {os.getpid()}, {holder_json(holder)},'
+        f'\n{{"port": {port}, "pid": {pid}, {holder_json(holder)},'
         f' "nodeid": {"null" if nodeid is None else json.dumps(nodeid)}, "since": {since!r}}}\n'
     ).encode()
     if _PWRITE:

@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Literal, final
 from uuid import uuid4
@@ -23,7 +23,7 @@ import pytest
 from . import _adopt
 from ._errors import Advice, ConfigError
 from ._holder import Holder, this_process
-from ._probe import Protocol
+from ._probe import Protocol, Targets, bind_targets
 from ._settings import (
     NAMES,
     Layer,
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ._allocator import PortAllocator, Stats
 
 SocketProtocol = Literal["tcp", "udp"]
+_LeakCheck = Callable[[int, str, Targets, "tuple[socket.SocketKind, ...]"], "str | None"]
 
 _HELP = {
     "port_range": "Ports to lease from: LOW-HIGH, or auto (the part of 49152-65535 the OS never"
@@ -137,6 +138,7 @@ class PortFactory:
         self._owner = owner  # the test whose teardown ends these leases; None: the session
         self._mine: dict[int, _Origin] = {}
         self._sockets: dict[int, socket.socket] = {}
+        self._own_teardown: set[int] = set()  # leases a fixture of their own ends (free_port)
         self._mutex = threading.Lock()
 
     def __call__(self, *, protocol: Protocol = "tcp") -> int:
@@ -186,7 +188,8 @@ class PortFactory:
         return self._session.end_lease(port, origin)
 
     def _end_all(self) -> list[tuple[_Origin, EphemeralPortWarning]]:
-        """End every lease still held; the leaks found, with who leased each.
+        """End every lease still held, but those a fixture of their own ends; the leaks found,
+        with who leased each.
 
         Every lease is ended, whatever goes wrong with one of them (no descriptor left for the
         leak check, say); the first such error is raised once they all are.
@@ -194,7 +197,7 @@ class PortFactory:
         leaks = []
         failure: BaseException | None = None
         with self._mutex:
-            mine = dict(self._mine)
+            mine = {port: o for port, o in self._mine.items() if port not in self._own_teardown}
         for port, origin in sorted(mine.items()):
             try:
                 warning = self._end(port)
@@ -225,6 +228,7 @@ class _Session:
         self.totals: dict[str, float] = {}  # figures from xdist workers, for the summary
         self._stats: Stats | None = None
         self._allocator: PortAllocator | None = None
+        self._still_in_use: _LeakCheck | None = None  # loaded with the allocator
         self._creating = threading.Lock()
 
     @property
@@ -233,7 +237,9 @@ class _Session:
             with self._creating:
                 if self._allocator is None:
                     from ._allocator import Stats, allocator_for  # imports filelock: first lease
+                    from ._leakcheck import still_in_use
 
+                    self._still_in_use = still_in_use
                     self._stats = Stats()
                     self._allocator = allocator_for(
                         self.settings.lock_dir, self.settings.lock_dir_given
@@ -280,14 +286,13 @@ class _Session:
         Checked while the lease is still held, so whatever uses the port is the test's own, and
         released whatever happens, so a warning made an error (-W error) cannot keep the lease.
         """
+        allocator, host = self.allocator, self.settings.host
         try:
-            from ._leakcheck import still_in_use  # loaded with the first lease, as the allocator
-            from ._probe import bind_targets
-
-            kinds = self.allocator.lease_of(port).kinds
-            use = still_in_use(port, self.settings.host, bind_targets(self.settings.host), kinds)
+            assert self._still_in_use is not None  # set with the allocator
+            kinds = allocator.lease_of(port).kinds
+            use = self._still_in_use(port, host, bind_targets(host), kinds)
         finally:
-            self.allocator.release(port)
+            allocator.release(port)
             self.ended.add(port)
         if use is None:
             return None
@@ -469,8 +474,46 @@ def port_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
     factory._session.report_late(factory._end_all())
 
 
+def _test_factory(request: pytest.FixtureRequest) -> PortFactory:
+    """The factory of the running test's leases, kept on the test: ``free_ports`` is it, and
+    ``free_port`` and ``free_socket`` lease through it, so ``free_ports.release()`` ends theirs too.
+
+    Not a fixture of its own: ``free_port`` asks pytest for no other fixture, which would cost
+    every test that uses it a fixture set-up and teardown more than its own recipe did.
+    """
+    item: pytest.Item = request.node
+    factory = item.stash.get(_TEST_FACTORY, None)
+    if factory is None:
+        factory = item.stash[_TEST_FACTORY] = PortFactory(_session_of(request.config), item)
+    return factory
+
+
+def _one_port(request: pytest.FixtureRequest, protocol: Protocol = "tcp") -> Iterator[int]:
+    """The body of a fixture giving a test one port: leased through the test's factory, and
+    ended at this fixture's own teardown (after the fixtures that use it), not at ``free_ports``'s.
+    """
+    factory = _test_factory(request)
+    port = factory(protocol=protocol)
+    factory._own_teardown.add(port)
+    yield port
+    _end_with_fixture(request, factory, port)
+
+
+def _end_with_fixture(request: pytest.FixtureRequest, factory: PortFactory, port: int) -> None:
+    """End the lease of a one-port fixture at its teardown, unless released already."""
+    with factory._mutex:
+        factory._own_teardown.discard(port)
+        held = port in factory._mine
+    warning = factory._end(port) if held else None
+    if warning is not None:
+        request.node.warn(warning)  # located at the test, shown under its node id
+
+
+_TEST_FACTORY = pytest.StashKey[PortFactory]()
+
+
 @pytest.fixture
-def free_ports(request: pytest.FixtureRequest, port_factory: PortFactory) -> Iterator[PortFactory]:
+def free_ports(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
     """Factory of ports leased for this test alone: ``free_ports(protocol="tcp")`` leases one port
     ("tcp", "udp" or "both"), ``.block(n)`` n consecutive ports, ``.socket(protocol="tcp")`` a
     socket bound to a leased port, and ``.release(port)`` ends a lease early.
@@ -478,23 +521,28 @@ def free_ports(request: pytest.FixtureRequest, port_factory: PortFactory) -> Ite
     Every other lease ends at the test's teardown, after the fixtures that use it, with the same
     leak check as ``free_port``.
     """
-    factory = PortFactory(port_factory._session, request.node)
+    factory = _test_factory(request)
     yield factory
     for _, warning in factory._end_all():
-        request.node.warn(warning)  # located at the test, shown under its node id
+        request.node.warn(warning)
 
 
 @pytest.fixture
-def free_port(free_ports: PortFactory) -> int:
+def free_port(request: pytest.FixtureRequest) -> Iterator[int]:
     """A TCP port leased for this test alone: free now, and held from other tests and pytest runs
     until this test's teardown, after the fixtures that use it."""
-    return free_ports()
+    yield from _one_port(request)
 
 
 @pytest.fixture
-def free_socket(free_ports: PortFactory) -> socket.socket:
+def free_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
     """A TCP socket already bound to a port leased for this test, on the configured host, not yet
     listening: hand it to a server (asyncio ``start_server(sock=...)``, ``socketserver``, uvicorn
     ``fd=``) and no other program can take the port in between. Closed, and the lease ended, at
     teardown; closing it earlier does not end the lease."""
-    return free_ports.socket()
+    factory = _test_factory(request)
+    sock = factory.socket()
+    port = sock.getsockname()[1]
+    factory._own_teardown.add(port)
+    yield sock
+    _end_with_fixture(request, factory, port)

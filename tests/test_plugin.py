@@ -496,10 +496,22 @@ def test_free_ports_leases_for_one_test(pytester: pytest.Pytester, monkeypatch: 
             leftover = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             leftover.bind(("127.0.0.1", free_ports(protocol="udp")))
             pytest.leftover = leftover
+
+        @pytest.fixture
+        def listening(free_port):
+            with socket.socket() as server:
+                server.bind(("127.0.0.1", free_port))
+                server.listen()
+                yield free_port
+
+        def test_free_port_outlives_free_ports_for_the_fixtures_using_it(listening, free_ports):
+            # free_ports is set up after `listening`, so torn down before it: free_port's lease,
+            # its server still listening, must be left to free_port's own teardown (no warning)
+            assert free_ports() != listening
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
-    result.assert_outcomes(passed=3, warnings=1)
+    result.assert_outcomes(passed=4, warnings=1)
     result.stdout.fnmatch_lines(
         ["*::test_leaks_are_this_tests", "*leased by *::test_leaks_are_this_tests, is still bound*"]
     )
