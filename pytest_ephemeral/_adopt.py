@@ -131,6 +131,21 @@ def configure(config: pytest.Config, session: _Session) -> None:
         raise pytest.UsageError(str(error)) from None
     active = installed(adopted)
     config.pluginmanager.register(_Adapters(config, session, active), "ephemeral-adapters")
+    _one_thread_under_run_parallel(config)
+
+
+def _one_thread_under_run_parallel(config: pytest.Config) -> None:
+    """Have pytest-run-parallel run tests that use a one-port fixture in one thread.
+
+    It shares a test's fixture values between its threads: four threads would bind one port. Its
+    own ``thread_unsafe_fixtures`` setting says so, at no cost per test; it reads the setting in
+    its ``pytest_configure``, which runs after ours (``tryfirst``).
+    """
+    for name in ONE_PORT_PER_TEST:
+        try:
+            config.addinivalue_line("thread_unsafe_fixtures", name)
+        except ValueError:  # not a known setting: pytest-run-parallel is not installed
+            return
 
 
 class _Adapters:
@@ -172,20 +187,6 @@ class _Adapters:
 
     def pytest_report_header(self) -> str:
         return f"ephemeral adapters: {', '.join(self.active) or 'none'}"
-
-    def pytest_collection_modifyitems(
-        self, config: pytest.Config, items: list[pytest.Item]
-    ) -> None:
-        # pytest-run-parallel shares function-scoped fixture values between the threads of one
-        # test: four threads would bind one port. Its thread_unsafe marker runs such tests in one
-        # thread; it reads the marker in pytest_collection_finish, after this hook.
-        if not config.pluginmanager.has_plugin("_run-parallel"):
-            return  # the marker is unknown without it (and --strict-markers would refuse it)
-        for item in items:
-            used = [name for name in ONE_PORT_PER_TEST if name in getattr(item, "fixturenames", ())]
-            if used:
-                reason = f"uses {', '.join(used)}: one leased port per test (pytest-ephemeral)"
-                item.add_marker(pytest.mark.thread_unsafe(reason=reason))
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:

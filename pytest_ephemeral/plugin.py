@@ -368,6 +368,7 @@ def _ini_layer(config: pytest.Config) -> Layer:
     return {name: raw for name, raw in layer.items() if name not in overridden}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-run-parallel's, which reads a setting we add
 def pytest_configure(config: pytest.Config) -> None:
     if config.option.help or config.option.version:
         return  # the help that explains a bad setting must show despite it

@@ -463,7 +463,9 @@ def test_run_parallel_one_port_fixtures_run_in_one_thread(pytester: pytest.Pytes
     )
     result = pytester.runpytest_subprocess("-p", "no:xdist", "--parallel-threads=4", "-v")
     result.assert_outcomes(passed=4)
-    result.stdout.fnmatch_lines(["*::test_free_port was not run in parallel: uses free_port*"])
+    result.stdout.fnmatch_lines(
+        ["*::test_free_port was not run in parallel: uses thread-unsafe fixture(s): {'free_port'}"]
+    )
 
 
 def test_run_parallel_factory_methods_are_safe_from_many_threads(
