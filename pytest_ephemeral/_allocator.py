@@ -34,6 +34,8 @@ from ._settings import Settings
 
 _MAX_HOLDERS_SHOWN = 10
 _POLL_FIRST, _POLL_MAX = 0.005, 0.1
+#: A walk whose first candidates are bound starts again at random, this often at most: see _walk.
+_JUMPS, _JUMP_WITHIN = 4, 4
 _NO_SPACE = {errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NO_DESCRIPTORS = {errno.EMFILE, errno.ENFILE}
 
@@ -113,6 +115,11 @@ def default_holder() -> Holder:
     if _default_holder is None or _default_holder.pid != os.getpid():
         _default_holder = this_process()
     return _default_holder
+
+
+def _random_index(size: int) -> int:
+    # SystemRandom: pytest-randomly reseeds the global generator alike in every worker.
+    return random.SystemRandom().randrange(size)
 
 
 def _after_fork_in_child() -> None:
@@ -324,14 +331,20 @@ class PortAllocator:
         seen: _Pass,
         reuse: bool,
     ) -> list[int] | None:
-        """One pass over the range from the cursor; lease and return ``n`` consecutive ports."""
+        """One pass over the range from the cursor; lease and return ``n`` consecutive ports.
+
+        Each process leases its way up the range from a random start, so an earlier run leaves a
+        stretch of ports in TIME_WAIT behind it (for 60 s, where its servers closed first). A walk
+        that lands in such a stretch would try every port of it in turn: one that finds a bound
+        port among its first few candidates starts again at random instead, a few times, before
+        it walks on port by port (so the pass still sees every port before giving up).
+        """
         numbers, size = ports.ports, len(ports)
         cursor = self._cursors.get(ports.spans)
         if cursor is None:
-            # SystemRandom: pytest-randomly reseeds the global generator alike in every worker.
-            cursor = random.SystemRandom().randrange(size)
+            cursor = _random_index(size)
         thread = threading.get_ident()
-        step = 0
+        step = jumps = 0
         while step < size:
             first = (cursor + step) % size
             step += 1
@@ -357,6 +370,10 @@ class PortAllocator:
                 return [lease.port for lease in taken]
             for lease in taken:
                 unlock(lease.fd, lease.pid)
+            failed = numbers[first + len(taken)]
+            if failed in seen.bound and step <= _JUMP_WITHIN and jumps < _JUMPS:
+                cursor, step, jumps = _random_index(size), 0, jumps + 1
+                continue
             step += len(taken)  # every start up to the busy port would meet it again
         self._cursors[ports.spans] = cursor
         return None
