@@ -29,6 +29,8 @@ import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import itertools
+import operator
 import os
 import socket
 import sys
@@ -379,12 +381,14 @@ class _Patches(importlib.abc.MetaPathFinder):
         """Set ``module.name``, and every loaded module's copy of it, to ``replacement``."""
         original = getattr(module, name)
         holders = [module]
+        same = itertools.repeat(original)
         for other in list(sys.modules.values()):
             namespace = getattr(other, "__dict__", None)
+            # Identity, compared in C: some 27,000 values here, and == could run foreign code.
             if (
                 other is not module
                 and isinstance(namespace, dict)
-                and any(value is original for value in list(namespace.values()))
+                and any(map(operator.is_, list(namespace.values()), same))
             ):
                 holders.append(other)
         for holder in holders:
