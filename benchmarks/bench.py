@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pytest_ephemeral import PortsExhausted, lease_port
 from pytest_ephemeral._allocator import allocator_for
@@ -410,6 +410,41 @@ def free_port():
 """
 
 
+# Loaded into both suites (-p): the CPU time the main thread spends in the tests' set-up and
+# teardown, where a port is leased and released (the recipe's bind(0) too), printed at the end:
+# the first test's (the first lease imports filelock), then the others' in all.
+PHASES_PLUGIN = """
+import time
+import pytest
+
+spent = [0.0, 0.0]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    start = time.thread_time()
+    try:
+        return (yield)
+    finally:
+        spent[1] += time.thread_time() - start
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    start = time.thread_time()
+    try:
+        return (yield)
+    finally:
+        spent[1] += time.thread_time() - start
+        if not spent[0]:  # the first test is over
+            spent[0], spent[1] = spent[1], 0.0
+
+
+def pytest_unconfigure():
+    print(f"bench-phases {spent[0]:.6f} {spent[1]:.6f}")
+"""
+
+
 def suite_dir(temp: str, name: str) -> Path:
     """A directory for a generated pytest suite under ``temp``."""
     suite = Path(temp, name)
@@ -422,14 +457,25 @@ Run = tuple[Path, list[str], str]  # a pytest run: directory, arguments, what it
 
 
 def child_env(temp: str) -> dict[str, str]:
-    """The environment of the pytest runs: no PYTEST_* settings of ours, and bytecode cached (in
-    ``temp``), as in any installed package."""
+    """The environment of the pytest runs: no PYTEST_* settings of ours, bytecode cached (in
+    ``temp``) as in any installed package, and ``temp`` on the path (the suite's phase plugin)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHONDONT"))}
     env["PYTHONPYCACHEPREFIX"] = str(Path(temp, "pycache"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (temp, os.environ.get("PYTHONPATH"))))
     return env
 
 
-def paired_cpu(ours: Run, theirs: Run, runs: int) -> tuple[list[float], list[float], list[float]]:
+class Paired(NamedTuple):
+    """CPU times of paired pytest runs (seconds, per run), their ratios, and what each printed."""
+
+    ours: list[float]
+    theirs: list[float]
+    ratios: list[float]
+    our_output: list[str]
+    their_output: list[str]
+
+
+def paired_cpu(ours: Run, theirs: Run, runs: int) -> Paired:
     """CPU time (user + system, from the kernel's account of each process) of two pytest runs
     in directories under one temporary dir, started at once ``runs`` times: ours, theirs, and
     the ratios.
@@ -452,16 +498,16 @@ def paired_cpu(ours: Run, theirs: Run, runs: int) -> tuple[list[float], list[flo
             text=True,
         )
 
-    def cpu(process: subprocess.Popen[str], run: Run) -> float:
+    def cpu(process: subprocess.Popen[str], run: Run) -> tuple[float, str]:
         assert process.stdout is not None
         output = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         if process.returncode != 0 or run[2] not in output:
             raise RuntimeError(f"pytest {' '.join(run[1])} in {run[0]} failed:\n{output}")
-        return usage.ru_utime + usage.ru_stime
+        return usage.ru_utime + usage.ru_stime, output
 
-    mine, others = [], []
+    paired = Paired([], [], [], [], [])
     for i in range(runs + 1):  # the first pair warms up: bytecode caches, lock files
         pair = (ours, theirs) if i % 2 else (theirs, ours)
         started = [(run, start(run)) for run in pair]
@@ -478,9 +524,14 @@ def paired_cpu(ours: Run, theirs: Run, runs: int) -> tuple[list[float], list[flo
                     process.kill()
                     process.wait()
         if i:
-            mine.append(times[ours[0]])
-            others.append(times[theirs[0]])
-    return mine, others, [a / b for a, b in zip(mine, others, strict=True)]
+            for times_of, output_of, run in (
+                (paired.ours, paired.our_output, ours),
+                (paired.theirs, paired.their_output, theirs),
+            ):
+                times_of.append(times[run[0]][0])
+                output_of.append(times[run[0]][1])
+            paired.ratios.append(paired.ours[-1] / paired.theirs[-1])
+    return paired
 
 
 def suite_cpu(runs: int, count: int) -> dict[str, Any]:
@@ -492,20 +543,47 @@ def suite_cpu(runs: int, count: int) -> dict[str, Any]:
         for suite in (ours, recipe):
             (suite / "test_servers.py").write_text(code)
         (recipe / "conftest.py").write_text(RECIPE_CONFTEST)
-        passed = f"{count} passed"
-        with_plugin, without, ratios = paired_cpu(
-            (ours, ["-q"], passed), (recipe, ["-q", "-p", "no:ephemeral"], passed), runs
+        Path(temp, "bench_phases.py").write_text(PHASES_PLUGIN)
+        passed, phases = f"{count} passed", ["-p", "bench_phases"]
+        paired = paired_cpu(
+            (ours, ["-q", *phases], passed),
+            (recipe, ["-q", *phases, "-p", "no:ephemeral"], passed),
+            runs,
         )
-    ratio_cpu = statistics.median(ratios)
+    ratio_cpu = statistics.median(paired.ratios)
+    # Per pair: the difference in set-up and teardown, in the first test and per later test,
+    # and outside them.
+    first, inside, outside = [], [], []
+    for mine, theirs, our_output, their_output in zip(
+        paired.ours, paired.theirs, paired.our_output, paired.their_output, strict=True
+    ):
+        (ours_first, ours_rest), (theirs_first, theirs_rest) = map(
+            _phases, (our_output, their_output)
+        )
+        first.append((ours_first - theirs_first) * 1e3)
+        inside.append((ours_rest - theirs_rest) / (count - 1) * 1e6)
+        outside.append(
+            ((mine - ours_first - ours_rest) - (theirs - theirs_first - theirs_rest)) * 1e3
+        )
     return {
         "suite_tests": count,
         "suite_runs": runs,
-        "suite_cpu_s": statistics.median(with_plugin),
-        "suite_recipe_cpu_s": statistics.median(without),
+        "suite_cpu_s": statistics.median(paired.ours),
+        "suite_recipe_cpu_s": statistics.median(paired.theirs),
         "suite_ratio": ratio_cpu,
-        "suite_ratio_range": (min(ratios), max(ratios)),
+        "suite_ratio_range": (min(paired.ratios), max(paired.ratios)),
         "suite_target_met": ratio_cpu <= 1.02,
+        "suite_first_test_ms": statistics.median(first),
+        "suite_per_test_us": statistics.median(inside),
+        "suite_outside_ms": statistics.median(outside),
     }
+
+
+def _phases(output: str) -> tuple[float, float]:
+    """The set-up and teardown CPU times ``PHASES_PLUGIN`` printed: first test, the others."""
+    line = next(x for x in output.splitlines() if x.startswith("bench-phases "))
+    first, rest = line.split()[1:]
+    return float(first), float(rest)
 
 
 def scale(trials: int) -> dict[str, Any]:
@@ -630,7 +708,7 @@ def startup(runs: int) -> dict[str, Any]:
             (suite / "conftest.py").write_text("")
             (suite / "test_generated.py").write_text(tests)
         # Without -q: our run must show the header (proof that the plugin loaded).
-        with_plugin, without, ratios = paired_cpu(
+        with_plugin, without, ratios, _, _ = paired_cpu(
             (ours, ["--collect-only"], "ephemeral ports:"),
             (without_plugin, ["--collect-only", "-p", "no:ephemeral"], "500 tests collected"),
             runs,
@@ -680,6 +758,10 @@ def table(machine: dict[str, Any], r: Results) -> str:
          f"{lat['end_ratio']:.0f}x; <= 10x {met[lat['end_target_met']]}"),
         ("  servers closing first, suite CPU (s)", cpu["suite_cpu_s"], cpu["suite_recipe_cpu_s"],
          f"{cpu['suite_ratio']:.3f}; <= 1.02 {met[cpu['suite_target_met']]}"),
+        ("    more in the first test's set-up + teardown (ms)", cpu["suite_first_test_ms"], "-",
+         ""),
+        ("    more per later test, set-up + teardown (us)", cpu["suite_per_test_us"], "-", ""),
+        ("    more outside the tests, per run (ms)", cpu["suite_outside_ms"], "-", ""),
         (f"2 lease all {SCALE_SIZE} ports, 1 process, new dir (s)", sc["one_process_s"], "-",
          f"< 1 s {met[sc['target_met']]}"),
         ("  the same, lock files in place (s)", sc["one_process_files_exist_s"], "-", ""),
@@ -729,7 +811,11 @@ def table(machine: dict[str, Any], r: Results) -> str:
         "     against the suite's own recipe fixture (no plugin); both suites started at once in"
         f" each of {cpu['suite_runs']} pairs",
         f"     (pair ratios from {cpu['suite_ratio_range'][0]:.3f} to"
-        f" {cpu['suite_ratio_range'][1]:.3f}).",
+        f" {cpu['suite_ratio_range'][1]:.3f}). Set-up + teardown: the main thread's CPU time"
+        " there",
+        "     (lease and release; the recipe's bind(0)); the first lease imports filelock and the",
+        "     allocator. Outside: start-up, collection, the end of the run. Medians of the pairs'",
+        "     differences.",
         "1,5: paired runs: the columns are medians of the runs, the ratio the median of the pairs'",
         "     ratios (so it need not equal the columns' quotient).",
         f"Auto-range sections use the shared lock dir {machine['default_lock_dir']}.",
