@@ -133,25 +133,28 @@ def configure(config: pytest.Config, session: _Session) -> None:
         raise pytest.UsageError(str(error)) from None
     active = installed(adopted)
     config.pluginmanager.register(_Adapters(config, session, active), "ephemeral-adapters")
-    _one_thread_under_run_parallel(config)
 
 
-def _one_thread_under_run_parallel(config: pytest.Config) -> None:
-    """Have pytest-run-parallel run tests that use a one-port fixture in one thread.
+class RunParallelSetting:
+    """Has pytest-run-parallel run tests that use a one-port fixture in one thread.
 
     It shares a test's fixture values between its threads: four threads would bind one port. Its
-    own ``thread_unsafe_fixtures`` setting says so, at no cost per test; it reads the setting in
-    its ``pytest_configure``, which runs after ours (``tryfirst``).
+    own ``thread_unsafe_fixtures`` setting says so, at no cost per test. It reads the setting in
+    its ``pytest_configure``: this one runs first (``tryfirst``), registered apart so that the
+    plugin's own ``pytest_configure`` keeps its place after conftest files'.
     """
-    for name in ONE_PORT_PER_TEST:
-        try:
-            config.addinivalue_line("thread_unsafe_fixtures", name)
-        except ValueError:  # not a known setting: pytest-run-parallel is not installed
-            return
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_configure(self, config: pytest.Config) -> None:
+        for name in ONE_PORT_PER_TEST:
+            try:
+                config.addinivalue_line("thread_unsafe_fixtures", name)
+            except ValueError:  # not a known setting: pytest-run-parallel is not installed
+                return
 
 
 class _Adapters:
-    """The adapter plugin: header line, thread-safety marks, and the adapters that are active."""
+    """The adapter plugin: header line, and the adapters that are active."""
 
     def __init__(self, config: pytest.Config, session: _Session, active: list[str]) -> None:
         self.active = active

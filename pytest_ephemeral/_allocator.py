@@ -79,6 +79,7 @@ class _Pass:
     forbidden_reason: str | None = None
     unusable: dict[int, str] = field(default_factory=dict)
     unrecorded: list[str] = field(default_factory=list)  # holder records that could not be written
+    bound_tries: int = 0  # tries that found their port bound (this request, every walk)
 
 
 _UNCOUNTED = Stats()  # the figures of callers that keep none (lease_port): never read
@@ -92,6 +93,7 @@ _allocators: dict[str, PortAllocator] = {}  # by the lock dir's one resolved spe
 _by_spelling: dict[str, PortAllocator] = {}  # by each spelling asked for (a cache of the above)
 _registry_mutex = threading.Lock()
 _default_holder: Holder | None = None
+_RANDOM = random.SystemRandom()  # not random's: pytest-randomly reseeds that alike in every worker
 
 
 def allocator_for(lock_dir: str, given: bool = True) -> PortAllocator:
@@ -118,8 +120,7 @@ def default_holder() -> Holder:
 
 
 def _random_index(size: int) -> int:
-    # SystemRandom: pytest-randomly reseeds the global generator alike in every worker.
-    return random.SystemRandom().randrange(size)
+    return _RANDOM.randrange(size)
 
 
 def _after_fork_in_child() -> None:
@@ -351,6 +352,7 @@ class PortAllocator:
             if first + n > size or numbers[first + n - 1] - numbers[first] != n - 1:
                 continue  # not n consecutive candidates from here
             taken: list[Lease] = []
+            bound_tries = seen.bound_tries
             try:
                 for index in range(first, first + n):
                     lease = self._try(
@@ -370,8 +372,7 @@ class PortAllocator:
                 return [lease.port for lease in taken]
             for lease in taken:
                 unlock(lease.fd, lease.pid)
-            failed = numbers[first + len(taken)]
-            if failed in seen.bound and step <= _JUMP_WITHIN and jumps < _JUMPS:
+            if seen.bound_tries != bound_tries and step <= _JUMP_WITHIN and jumps < _JUMPS:
                 cursor, step, jumps = _random_index(size), 0, jumps + 1
                 continue
             step += len(taken)  # every start up to the busy port would meet it again
@@ -430,6 +431,7 @@ class PortAllocator:
             seen.forbidden_reason = seen.forbidden_reason or _forbidden_reason(port)
         else:
             seen.bound.add(port)
+            seen.bound_tries += 1
         return None
 
     def _os_error(self, error: OSError) -> EphemeralError:

@@ -73,7 +73,7 @@ def _option(name: str) -> str:
     return "--ephemeral-" + name.replace("_", "-")
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
     group = parser.getgroup("ephemeral", "leased network ports (pytest-ephemeral)")
     for name in NAMES:
         help_text = f"{_HELP[name]}. Environment variable: {env_var(name)}"
@@ -84,6 +84,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(f"ephemeral_{name}", _HELP[name], type="string", default=None)
     group.addoption(_adopt.OPTION, dest="ephemeral_adopt", metavar="NAMES", help=_adopt.HELP)
     parser.addini(_adopt.INI, _adopt.HELP, type="string", default=None)
+    pluginmanager.register(_adopt.RunParallelSetting(), "ephemeral-run-parallel")
 
 
 class EphemeralPortWarning(pytest.PytestWarning):
@@ -139,6 +140,7 @@ class PortFactory:
         self._mine: dict[int, _Origin] = {}
         self._sockets: dict[int, socket.socket] = {}
         self._own_teardown: set[int] = set()  # leases a fixture of their own ends (free_port)
+        self._set_up = False  # a test's factory: whether ``free_ports`` is set up now
         self._mutex = threading.Lock()
 
     def __call__(self, *, protocol: Protocol = "tcp") -> int:
@@ -179,6 +181,7 @@ class PortFactory:
         with self._mutex:
             origin = self._mine.pop(port, None)
             sock = self._sockets.pop(port, None)
+            self._own_teardown.discard(port)
         if origin is None:
             if port in self._session.ended:
                 raise ValueError(f"port {port} was already released")
@@ -368,7 +371,6 @@ def _ini_layer(config: pytest.Config) -> Layer:
     return {name: raw for name, raw in layer.items() if name not in overridden}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-run-parallel's, which reads a setting we add
 def pytest_configure(config: pytest.Config) -> None:
     if config.option.help or config.option.version:
         return  # the help that explains a bad setting must show despite it
@@ -446,6 +448,8 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object
         return (yield)
     finally:
         state.item = None
+        if _TEST_FACTORY in item.stash:  # its leases have ended with the test's fixtures
+            del item.stash[_TEST_FACTORY]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -476,8 +480,9 @@ def port_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
 
 
 def _test_factory(request: pytest.FixtureRequest) -> PortFactory:
-    """The factory of the running test's leases, kept on the test: ``free_ports`` is it, and
-    ``free_port`` and ``free_socket`` lease through it, so ``free_ports.release()`` ends theirs too.
+    """The factory of the running test's leases, kept on the test until it ends: ``free_ports``
+    is it, and ``free_port`` and ``free_socket`` lease through it, so ``free_ports.release()``
+    ends theirs too.
 
     Not a fixture of its own: ``free_port`` asks pytest for no other fixture, which would cost
     every test that uses it a fixture set-up and teardown more than its own recipe did.
@@ -490,22 +495,28 @@ def _test_factory(request: pytest.FixtureRequest) -> PortFactory:
 
 
 def _one_port(request: pytest.FixtureRequest, protocol: Protocol = "tcp") -> Iterator[int]:
-    """The body of a fixture giving a test one port: leased through the test's factory, and
-    ended at this fixture's own teardown (after the fixtures that use it), not at ``free_ports``'s.
-    """
+    """The body of a fixture giving a test one port, leased through the test's factory."""
     factory = _test_factory(request)
     port = factory(protocol=protocol)
-    factory._own_teardown.add(port)
+    with factory._mutex:
+        factory._own_teardown.add(port)
     yield port
     _end_with_fixture(request, factory, port)
 
 
 def _end_with_fixture(request: pytest.FixtureRequest, factory: PortFactory, port: int) -> None:
-    """End the lease of a one-port fixture at its teardown, unless released already."""
+    """End a one-port fixture's lease at its teardown, after the fixtures that use it. Unless
+    ``free_ports`` is still set up: a fixture using that may hold the port too (a server
+    factory the test handed ``free_port``), so its teardown, which comes later, ends the lease.
+    """
     with factory._mutex:
         factory._own_teardown.discard(port)
-        held = port in factory._mine
-    warning = factory._end(port) if held else None
+        if factory._set_up:
+            return
+    try:
+        warning = factory._end(port)
+    except ValueError:  # released already, through free_ports.release()
+        return
     if warning is not None:
         request.node.warn(warning)  # located at the test, shown under its node id
 
@@ -523,8 +534,13 @@ def free_ports(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
     leak check as ``free_port``.
     """
     factory = _test_factory(request)
+    factory._set_up = True
     yield factory
-    for _, warning in factory._end_all():
+    try:
+        leaks = factory._end_all()
+    finally:
+        factory._set_up = False
+    for _, warning in leaks:
         request.node.warn(warning)
 
 
@@ -544,6 +560,7 @@ def free_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
     factory = _test_factory(request)
     sock = factory.socket()
     port = sock.getsockname()[1]
-    factory._own_teardown.add(port)
+    with factory._mutex:
+        factory._own_teardown.add(port)
     yield sock
     _end_with_fixture(request, factory, port)

@@ -468,6 +468,37 @@ def test_run_parallel_one_port_fixtures_run_in_one_thread(pytester: pytest.Pytes
     )
 
 
+def test_run_parallel_keeps_the_projects_own_thread_unsafe_fixtures(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeini("[pytest]\nthread_unsafe_fixtures =\n    my_fixture\n")
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.fixture
+        def my_fixture():
+            return 1
+
+        def test_mine(my_fixture):
+            pass
+
+        def test_port(free_port):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "--parallel-threads=4", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*::test_mine was not run in parallel: uses thread-unsafe fixture(s): {'my_fixture'}",
+            "*::test_port was not run in parallel: uses thread-unsafe fixture(s): {'free_port'}",
+        ]
+    )
+    without = pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:run-parallel")
+    without.assert_outcomes(passed=2)  # no setting to add to: nothing to do
+
+
 def test_run_parallel_factory_methods_are_safe_from_many_threads(
     pytester: pytest.Pytester,
 ) -> None:

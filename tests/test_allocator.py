@@ -110,6 +110,28 @@ def test_a_walk_that_lands_among_bound_ports_starts_again_elsewhere(
     assert walker.stats.skipped_bound < 320
 
 
+@pytest.mark.parametrize("free", [0, 7, 15])
+def test_a_lone_free_port_behind_bound_ones_is_found_from_every_start(
+    private_range: MakeRange, free: int
+) -> None:
+    """Starting again at random must not stop a walk from seeing every port."""
+    private = private_range(16)
+    bound = [socket.socket() for _ in range(15)]
+    try:
+        for sock, port in zip(bound, private.ports[:free] + private.ports[free + 1 :], strict=True):
+            sock.bind(("127.0.0.1", port))
+        walker = allocator(private)
+        for start in range(16):
+            start_at(walker, start)
+            assert walker.lease() == private.ports[free]
+            walker.release(private.ports[free])
+        with pytest.raises(PortsExhausted, match="no block of 2 free consecutive ports"):
+            walker.lease_block(2)
+    finally:
+        for sock in bound:
+            sock.close()
+
+
 def test_threads_never_share_a_port(private_range: MakeRange) -> None:
     private = private_range(6)
     shared = allocator(private, timeout=30)

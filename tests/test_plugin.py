@@ -508,13 +508,55 @@ def test_free_ports_leases_for_one_test(pytester: pytest.Pytester, monkeypatch: 
             # free_ports is set up after `listening`, so torn down before it: free_port's lease,
             # its server still listening, must be left to free_port's own teardown (no warning)
             assert free_ports() != listening
+
+        @pytest.fixture
+        def make_server(free_ports):
+            servers = []
+
+            def make(port):
+                server = socket.socket()
+                server.bind(("127.0.0.1", port))
+                server.listen()
+                servers.append(server)
+
+            yield make
+            for server in servers:
+                server.close()
+
+        def test_free_port_outlives_the_fixtures_using_free_ports(make_server, free_port):
+            # make_server is torn down after free_port, and stops the server it made on it: the
+            # lease must outlive it (no warning), as it outlives every fixture using free_ports
+            make_server(free_port)
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
-    result.assert_outcomes(passed=4, warnings=1)
+    result.assert_outcomes(passed=5, warnings=1)
     result.stdout.fnmatch_lines(
         ["*::test_leaks_are_this_tests", "*leased by *::test_leaks_are_this_tests, is still bound*"]
     )
+
+
+def test_a_conftest_may_choose_the_settings_in_its_pytest_configure(
+    pytester: pytest.Pytester, private_range: MakeRange
+) -> None:
+    private = private_range(2)
+    pytester.makeconftest(
+        f"""
+        import os
+
+        def pytest_configure(config):
+            os.environ["PYTEST_EPHEMERAL_PORT_RANGE"] = "{private.spec}"
+            os.environ["PYTEST_EPHEMERAL_LOCK_DIR"] = "{private.lock_dir}"
+        """
+    )
+    pytester.makepyfile(
+        f"""
+        def test_port(free_port):
+            assert free_port in {private.ports}
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist", timeout=120)
+    result.assert_outcomes(passed=1)
 
 
 def test_bad_arguments_get_one_clear_sentence(pytester: pytest.Pytester) -> None:
