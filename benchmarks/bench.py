@@ -418,6 +418,7 @@ import time
 import pytest
 
 spent = [0.0, 0.0]
+first_done = [False]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -436,7 +437,8 @@ def pytest_runtest_teardown(item, nextitem):
         return (yield)
     finally:
         spent[1] += time.thread_time() - start
-        if not spent[0]:  # the first test is over
+        if not first_done[0]:
+            first_done[0] = True
             spent[0], spent[1] = spent[1], 0.0
 
 
@@ -477,8 +479,8 @@ class Paired(NamedTuple):
 
 def paired_cpu(ours: Run, theirs: Run, runs: int) -> Paired:
     """CPU time (user + system, from the kernel's account of each process) of two pytest runs
-    in directories under one temporary dir, started at once ``runs`` times: ours, theirs, and
-    the ratios.
+    in directories under one temporary dir, started at once ``runs`` times: ours, theirs, the
+    ratios, and what each run printed.
 
     Starting both at once (which one first alternates) makes a change in the machine's load hit
     both alike: on this shared 2-core machine that cut the spread of the suite's ratios from about
@@ -761,7 +763,7 @@ def table(machine: dict[str, Any], r: Results) -> str:
         ("    more in the first test's set-up + teardown (ms)", cpu["suite_first_test_ms"], "-",
          ""),
         ("    more per later test, set-up + teardown (us)", cpu["suite_per_test_us"], "-", ""),
-        ("    more outside the tests, per run (ms)", cpu["suite_outside_ms"], "-", ""),
+        ("    more in the rest of the run (ms)", cpu["suite_outside_ms"], "-", ""),
         (f"2 lease all {SCALE_SIZE} ports, 1 process, new dir (s)", sc["one_process_s"], "-",
          f"< 1 s {met[sc['target_met']]}"),
         ("  the same, lock files in place (s)", sc["one_process_files_exist_s"], "-", ""),
@@ -814,8 +816,9 @@ def table(machine: dict[str, Any], r: Results) -> str:
         f" {cpu['suite_ratio_range'][1]:.3f}). Set-up + teardown: the main thread's CPU time"
         " there",
         "     (lease and release; the recipe's bind(0)); the first lease imports filelock and the",
-        "     allocator. Outside: start-up, collection, the end of the run. Medians of the pairs'",
-        "     differences.",
+        "     allocator. The rest: the process's CPU time less those (start-up, the plugin's",
+        "     hooks, the tests' own work, alike in both, the end of the run). Medians of the",
+        "     pairs' differences.",
         "1,5: paired runs: the columns are medians of the runs, the ratio the median of the pairs'",
         "     ratios (so it need not equal the columns' quotient).",
         f"Auto-range sections use the shared lock dir {machine['default_lock_dir']}.",
