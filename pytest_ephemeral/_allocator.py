@@ -119,10 +119,6 @@ def default_holder() -> Holder:
     return _default_holder
 
 
-def _random_index(size: int) -> int:
-    return _RANDOM.randrange(size)
-
-
 def _after_fork_in_child() -> None:
     global _registry_mutex
     _registry_mutex = threading.Lock()  # a thread of the parent may have held one at the fork
@@ -343,7 +339,7 @@ class PortAllocator:
         numbers, size = ports.ports, len(ports)
         cursor = self._cursors.get(ports.spans)
         if cursor is None:
-            cursor = _random_index(size)
+            cursor = _RANDOM.randrange(size)
         thread = threading.get_ident()
         step = jumps = 0
         while step < size:
@@ -373,7 +369,7 @@ class PortAllocator:
             for lease in taken:
                 unlock(lease.fd, lease.pid)
             if seen.bound_tries != bound_tries and step <= _JUMP_WITHIN and jumps < _JUMPS:
-                cursor, step, jumps = _random_index(size), 0, jumps + 1
+                cursor, step, jumps = _RANDOM.randrange(size), 0, jumps + 1
                 continue
             step += len(taken)  # every start up to the busy port would meet it again
         self._cursors[ports.spans] = cursor

@@ -15,7 +15,7 @@ import threading
 import warnings
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Literal, final
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, final
 from uuid import uuid4
 
 import pytest
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ._allocator import PortAllocator, Stats
 
 SocketProtocol = Literal["tcp", "udp"]
+_T = TypeVar("_T")
 _LeakCheck = Callable[[int, str, Targets, "tuple[socket.SocketKind, ...]"], "str | None"]
 
 _HELP = {
@@ -498,17 +499,20 @@ def _one_port(request: pytest.FixtureRequest, protocol: Protocol = "tcp") -> Ite
     """The body of a fixture giving a test one port, leased through the test's factory."""
     factory = _test_factory(request)
     port = factory(protocol=protocol)
+    yield from _until_teardown(request, factory, port, port)
+
+
+def _until_teardown(
+    request: pytest.FixtureRequest, factory: PortFactory, port: int, value: _T
+) -> Iterator[_T]:
+    """Yield a one-port fixture's ``value``, then end the lease of ``port`` at the fixture's
+    teardown, after the fixtures that use it. Unless ``free_ports`` is still set up: a fixture
+    using that may hold the port too (a server factory the test handed ``free_port``), so its
+    teardown, which comes later, ends the lease.
+    """
     with factory._mutex:
         factory._own_teardown.add(port)
-    yield port
-    _end_with_fixture(request, factory, port)
-
-
-def _end_with_fixture(request: pytest.FixtureRequest, factory: PortFactory, port: int) -> None:
-    """End a one-port fixture's lease at its teardown, after the fixtures that use it. Unless
-    ``free_ports`` is still set up: a fixture using that may hold the port too (a server
-    factory the test handed ``free_port``), so its teardown, which comes later, ends the lease.
-    """
+    yield value
     with factory._mutex:
         factory._own_teardown.discard(port)
         if factory._set_up:
@@ -559,8 +563,4 @@ def free_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
     teardown; closing it earlier does not end the lease."""
     factory = _test_factory(request)
     sock = factory.socket()
-    port = sock.getsockname()[1]
-    with factory._mutex:
-        factory._own_teardown.add(port)
-    yield sock
-    _end_with_fixture(request, factory, port)
+    yield from _until_teardown(request, factory, sock.getsockname()[1], sock)
