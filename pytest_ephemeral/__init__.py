@@ -6,7 +6,7 @@ that need pytest load only when asked for.
 
 from __future__ import annotations
 
-from ._errors import ConfigError, EphemeralError, LockDirError, PortsExhausted
+from ._errors import ConfigError, EphemeralError, LockDirError, PortNotLeased, PortsExhausted
 
 TYPE_CHECKING = False  # not typing's: importing typing would be most of this module's cost
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ __all__ = [
     "EphemeralPortWarning",
     "LockDirError",
     "PortFactory",
+    "PortNotLeased",
     "PortsExhausted",
     "lease_block",
     "lease_port",

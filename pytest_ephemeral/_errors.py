@@ -109,6 +109,10 @@ class PortsExhausted(EphemeralError, RuntimeError):
         return "\n".join(lines)
 
 
+class PortNotLeased(EphemeralError, ValueError):
+    """A port given back that is not leased here: never leased, or released already."""
+
+
 class Advice:
     """``with Advice(lock_dir=..., exhausted=...):`` gives the core's errors that need advice
     (a bad lock dir, an exhausted range) the caller's, in the caller's terms."""
@@ -127,5 +131,5 @@ class Advice:
             error.advice = error.advice or self._exhausted
 
 
-for _public in (EphemeralError, ConfigError, LockDirError, PortsExhausted):
+for _public in (EphemeralError, ConfigError, LockDirError, PortNotLeased, PortsExhausted):
     _public.__module__ = "pytest_ephemeral"  # tracebacks show where users import them from
