@@ -11,7 +11,8 @@ from ._errors import ConfigError, EphemeralError, LockDirError, PortNotLeased, P
 TYPE_CHECKING = False  # not typing's: importing typing would be most of this module's cost
 if TYPE_CHECKING:
     from ._api import lease_block, lease_port
-    from .plugin import EphemeralPortWarning, PortFactory
+    from ._leases import PortFactory
+    from ._warnings import EphemeralPortWarning, UnleasedPortWarning
 
     __version__: str
 
@@ -23,13 +24,15 @@ __all__ = [
     "PortFactory",
     "PortNotLeased",
     "PortsExhausted",
+    "UnleasedPortWarning",
     "lease_block",
     "lease_port",
 ]
 
 _LAZY = {
-    "EphemeralPortWarning": ".plugin",
-    "PortFactory": ".plugin",
+    "EphemeralPortWarning": "._warnings",
+    "PortFactory": "._leases",
+    "UnleasedPortWarning": "._warnings",
     "lease_block": "._api",
     "lease_port": "._api",
 }

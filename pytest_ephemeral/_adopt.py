@@ -25,7 +25,6 @@ session.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -35,19 +34,17 @@ import os
 import socket
 import sys
 import threading
-import warnings
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
+from . import _leases
 from ._errors import ConfigError, PortsExhausted
+from ._leases import PortFactory, SessionLeases
 from ._probe import Protocol
-from ._settings import Raw, Settings
-
-if TYPE_CHECKING:
-    from .plugin import EphemeralPortWarning, PortFactory, _Origin, _Session
+from ._settings import Raw
 
 #: Adapter names, in header order, and the top-level module whose presence means "installed".
 ADAPTERS = {
@@ -125,14 +122,14 @@ def installed(names: Iterable[str]) -> list[str]:
     ]
 
 
-def configure(config: pytest.Config, session: _Session) -> None:
+def configure(config: pytest.Config, leases: SessionLeases) -> None:
     """Resolve ``adopt`` and register the active adapters (called from ``pytest_configure``)."""
     try:
         adopted = parse_adopt(adopt_raw(config))
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
     active = installed(adopted)
-    config.pluginmanager.register(_Adapters(config, session, active), "ephemeral-adapters")
+    config.pluginmanager.register(_Adapters(config, leases, active), "ephemeral-adapters")
 
 
 class RunParallelSetting:
@@ -156,10 +153,10 @@ class RunParallelSetting:
 class _Adapters:
     """The adapter plugin: header line, and the adapters that are active."""
 
-    def __init__(self, config: pytest.Config, session: _Session, active: list[str]) -> None:
+    def __init__(self, config: pytest.Config, leases: SessionLeases, active: list[str]) -> None:
         self.active = active
         self.patches = _Patches()
-        self.leases = _ScopedLeases(session)
+        self.leases = leases
         if "pytest-asyncio" in active:
             fixtures = _fixture_plugin(
                 "asyncio",
@@ -193,16 +190,8 @@ class _Adapters:
     def pytest_report_header(self) -> str:
         return f"ephemeral adapters: {', '.join(self.active) or 'none'}"
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
-        try:
-            yield
-        finally:
-            self.leases.end_test(item)
-
     def pytest_unconfigure(self) -> None:
         self.patches.restore()
-        self.leases.end_session()
 
     # --- library adapters -------------------------------------------------------------------
 
@@ -212,7 +201,7 @@ class _Adapters:
 
         def pick_unused_port(pid: int | None = None, portserver_address: str | None = None) -> int:
             """Leased by pytest-ephemeral: free for TCP and UDP, held for the pytest scope."""
-            return leases.lease("both", error=no_port)
+            return _leased(leases, "both", error=no_port)
 
         def return_port(port: int) -> None:
             """Ends the port's lease early if pytest-ephemeral leased it."""
@@ -234,11 +223,11 @@ class _Adapters:
             """Leased by pytest-ephemeral: free for TCP, held for the asking pytest scope."""
             excluded = frozenset(exclude_ports or ())
             if ports is None:
-                return leases.lease("tcp", exclude=excluded, error=error)
+                return _leased(leases, "tcp", exclude=excluded, error=error)
             within = frozenset(ports) - excluded
             if not within:
                 raise error("Can't select a port")
-            return leases.lease("tcp", within=within, error=error)
+            return _leased(leases, "tcp", within=within, error=error)
 
         self.patches.replace(module, "select_random", select_random)
 
@@ -247,116 +236,32 @@ class _Adapters:
 
         def unused_port() -> int:
             """Leased by pytest-ephemeral: free for TCP, held for the asking pytest scope."""
-            return leases.lease("tcp")
+            return _leased(leases, "tcp")
 
         self.patches.replace(module, "unused_port", unused_port)
 
 
-# --- scoped leases for the library adapters ---------------------------------------------------
-
-
-class _ScopedLeases:
-    """Ports handed out by library adapters, each released when the scope that asked ends: the
-    fixture being set up, else the running test, else the session (the plugin's ``_Session``
-    knows which is running)."""
-
-    def __init__(self, session: _Session) -> None:
-        self.session = session
-        self._by_port: dict[int, _Origin] = {}  # live leases, and who asked for each
-        self._of_test: list[int] = []
-        self._mutex = threading.Lock()
-
-    def lease(
-        self,
-        protocol: Protocol,
-        *,
-        within: frozenset[int] | None = None,
-        exclude: frozenset[int] = frozenset(),
-        error: Callable[[str], Exception] | None = None,
-    ) -> int:
-        """Lease a port of ``within`` (default: the configured range), not in ``exclude``."""
-        from ._ranges import PortRange, normalize
-
-        session = self.session
-        settings = session.settings
-        if within is not None:  # the caller's own ports, in the session's lock dir
-            chosen = PortRange(normalize((p, p) for p in within), "chosen by a port helper")
-            settings = settings._replace(ports=chosen)
-        origin = session.origin(None)
-        try:
-            port = _lease_avoiding(session, settings, protocol, origin.nodeid, exclude)
-        except PortsExhausted as exhausted:
-            if error is None:
-                raise
-            raise error(str(exhausted)) from exhausted
-        with self._mutex:
-            self._by_port[port] = origin
-            if session.fixtures:
-                # Registered while the fixture runs, before pytest registers the teardown of a
-                # yield fixture: finalizers run last-in first-out, so the port outlives the server.
-                session.fixtures[-1][1].addfinalizer(lambda: self._end_warning(port))
-            elif session.item is not None:
-                self._of_test.append(port)
-        return port
-
-    def end(self, port: int) -> bool:
-        """End a lease early (``return_port``); False if this is not a port handed out here."""
-        if port not in self._by_port:
-            return False
-        self._end_warning(port, stacklevel=3)
-        return True
-
-    def end_test(self, item: pytest.Item) -> None:
-        with self._mutex:
-            ports, self._of_test = self._of_test, []
-        for port in ports:
-            warning = self._end(port)
-            if warning is not None:
-                item.warn(warning)
-
-    def end_session(self) -> None:
-        """Release what is left (leases asked outside tests and fixtures), without a leak check:
-        a server started at collection may rightly still be stopping."""
-        with self._mutex:
-            left, self._by_port = self._by_port, {}
-        for port in left:
-            with contextlib.suppress(ValueError):  # released already
-                self.session.allocator.release(port)
-
-    def _end_warning(self, port: int, stacklevel: int = 2) -> None:
-        warning = self._end(port)
-        if warning is not None:
-            warnings.warn(warning, stacklevel=stacklevel)
-
-    def _end(self, port: int) -> EphemeralPortWarning | None:
-        with self._mutex:
-            origin = self._by_port.pop(port, None)
-            if port in self._of_test:
-                self._of_test.remove(port)
-        if origin is None:
-            return None  # already ended (return_port, say)
-        return self.session.end_lease(port, origin)  # released, and checked for leaks
-
-
-def _lease_avoiding(
-    session: _Session,
-    settings: Settings,
+def _leased(
+    leases: SessionLeases,
     protocol: Protocol,
-    nodeid: str | None,
-    exclude: frozenset[int],
+    *,
+    within: frozenset[int] | None = None,
+    exclude: frozenset[int] = frozenset(),
+    error: Callable[[str], Exception] | None = None,
 ) -> int:
-    """Lease one port not in ``exclude``: ports excluded are kept until a good one comes, so the
-    search cannot meet them twice, then given back (at most ``len(exclude)`` of them)."""
-    rejected: list[int] = []
+    """A port of ``within`` (default: the configured range), not in ``exclude``, leased for the
+    pytest scope that asks; the library's own ``error`` when none is free in time."""
+    from ._ranges import PortRange, normalize
+
+    chosen = None
+    if within is not None:  # the caller's own ports, in the session's lock dir
+        chosen = PortRange(normalize((p, p) for p in within), "chosen by a port helper")
     try:
-        while True:
-            port = session.lease(1, protocol, nodeid, settings)[0]
-            if port not in exclude:
-                return port
-            rejected.append(port)
-    finally:
-        for port in rejected:
-            session.allocator.release(port)
+        return leases.lease(protocol, ports=chosen, exclude=exclude)
+    except PortsExhausted as exhausted:
+        if error is None:
+            raise
+        raise error(str(exhausted)) from exhausted
 
 
 # --- patching, now or when the module is imported ------------------------------------------------
@@ -463,9 +368,7 @@ class _PatchAfter(importlib.abc.Loader):
 
 
 def _for_this_test(request: pytest.FixtureRequest, protocol: Protocol) -> Iterator[int]:
-    from .plugin import _one_port  # not at the top: the plugin module imports this one
-
-    return _one_port(request, protocol)
+    return _leases.one_port(request, protocol)
 
 
 @pytest.fixture(name="unused_tcp_port")

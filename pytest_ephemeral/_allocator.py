@@ -445,9 +445,9 @@ class PortAllocator:
                 f" the limit (ulimit -n{limit}) or release ports sooner"
             )
         if error.errno in _NO_SPACE:
-            from ._lockdir import _cause
+            from ._lockdir import explain
 
-            return LockDirError(self.lock_dir, f"cannot take a new lock file: {_cause(error)}")
+            return LockDirError(self.lock_dir, f"cannot take a new lock file: {explain(error)}")
         return EphemeralError(f"cannot lease a port in {self.lock_dir}: {error}")
 
     def _exhausted(

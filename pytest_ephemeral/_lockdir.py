@@ -87,11 +87,11 @@ def prepare(path: str, explicit: bool) -> Prepared:
     except FileExistsError:
         pass  # maybe not a directory: said below
     except OSError as error:
-        raise LockDirError(path, f"cannot be created: {_cause(error)}") from None
+        raise LockDirError(path, f"cannot be created: {explain(error)}") from None
     try:
         info = os.lstat(path)  # lstat, not stat: following a planted symlink is the attack refused
     except OSError as error:  # removed again at once, say
-        raise LockDirError(path, f"cannot be examined: {_cause(error)}") from None
+        raise LockDirError(path, f"cannot be examined: {explain(error)}") from None
     if stat.S_ISLNK(info.st_mode):
         raise LockDirError(path, "is a symbolic link")
     if not stat.S_ISDIR(info.st_mode):
@@ -101,7 +101,7 @@ def prepare(path: str, explicit: bool) -> Prepared:
         try:
             fd = os.open(path, _DIR_FLAGS)
         except OSError as error:  # swapped for a symlink or a file since the lstat
-            raise LockDirError(path, f"cannot be opened: {_cause(error)}") from None
+            raise LockDirError(path, f"cannot be opened: {explain(error)}") from None
         info = os.fstat(fd)  # from here on, checks concern the directory we hold open
     try:
         _vet(path, info, fd, explicit)
@@ -134,7 +134,7 @@ def _vet(path: str, info: os.stat_result, fd: int, explicit: bool) -> None:
             else:
                 os.chmod(path, 0o700)
         except OSError as error:  # a read-only file system, say
-            raise LockDirError(path, f"cannot be made private: {_cause(error)}") from None
+            raise LockDirError(path, f"cannot be made private: {explain(error)}") from None
 
 
 def _check_writable(path: str, fd: int) -> None:
@@ -162,10 +162,10 @@ def _check_writable(path: str, fd: int) -> None:
             os.close(probe)
         os.unlink(target, **where)
     except OSError as error:
-        raise LockDirError(path, f"cannot be written to: {_cause(error)}") from None
+        raise LockDirError(path, f"cannot be written to: {explain(error)}") from None
 
 
-def _cause(error: OSError) -> str:
+def explain(error: OSError) -> str:
     """The reason in words, with what to do for the causes a user can fix."""
     text = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):

@@ -136,7 +136,9 @@ def test_public_names() -> None:
             "EphemeralPortWarning",
             "LockDirError",
             "PortFactory",
+            "PortNotLeased",
             "PortsExhausted",
+            "UnleasedPortWarning",
             "lease_block",
             "lease_port",
         ]
@@ -144,6 +146,8 @@ def test_public_names() -> None:
     for name in pytest_ephemeral.__all__:
         assert getattr(pytest_ephemeral, name).__module__ == "pytest_ephemeral", name
     assert issubclass(pytest_ephemeral.EphemeralPortWarning, pytest.PytestWarning)
+    assert issubclass(pytest_ephemeral.UnleasedPortWarning, pytest.PytestWarning)
+    assert issubclass(pytest_ephemeral.PortNotLeased, (pytest_ephemeral.EphemeralError, ValueError))
     misspelt = "lease_prot"
     with pytest.raises(AttributeError, match="has no attribute 'lease_prot'"):
         getattr(pytest_ephemeral, misspelt)

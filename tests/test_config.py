@@ -333,8 +333,8 @@ def test_reuse_addr_takes_yes_or_no_from_every_source(
     run.makeconftest(
         """
         def pytest_report_header(config):
-            from pytest_ephemeral.plugin import _FACTORY
-            return f"reuse_addr={config.stash[_FACTORY]._session.settings.reuse_addr}"
+            from pytest_ephemeral._leases import leases_of
+            return f"reuse_addr={leases_of(config).settings.reuse_addr}"
         """
     )
     result = run.runpytest(*args)

@@ -243,6 +243,7 @@ def test_port_factory_api(pytester: pytest.Pytester, private_range: MakeRange) -
     pytester.makepyfile(
         f"""
         import pytest
+        from pytest_ephemeral import PortNotLeased
 
         def test_factory(port_factory):
             block = port_factory.block(3, protocol="both")
@@ -250,7 +251,7 @@ def test_port_factory_api(pytester: pytest.Pytester, private_range: MakeRange) -
             single = port_factory(protocol="udp")
             assert single not in block
             port_factory.release(block[1])
-            with pytest.raises(ValueError, match=f"^port {{block[1]}} was already released$"):
+            with pytest.raises(PortNotLeased, match=f"^port {{block[1]}} was already released$"):
                 port_factory.release(block[1])
             with pytest.raises(ValueError, match="longest run in {private.spec} is 6"):
                 port_factory.block(7)
@@ -261,8 +262,9 @@ def test_port_factory_api(pytester: pytest.Pytester, private_range: MakeRange) -
 
         def test_free_port_is_not_the_factorys(free_port, port_factory):
             assert {low} <= free_port <= {low + 5}
-            with pytest.raises(ValueError, match="not leased by this factory"):
+            with pytest.raises(PortNotLeased, match="not leased by this factory") as caught:
                 port_factory.release(free_port)
+            assert isinstance(caught.value, ValueError)
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)

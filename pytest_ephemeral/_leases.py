@@ -1,0 +1,589 @@
+"""Lease lifetimes in a pytest session: who asked for each lease, and when each one ends.
+
+Rule: every lease a pytest session takes is held here, under the scope that asked for it, and ends
+in one of three ways:
+
+- a factory's leases (``PortFactory``): at ``release(port)``, else when the factory's leases end:
+  the test's teardown for ``free_ports`` (and ``free_port``, ``free_socket``, which lease through
+  it), the session's end for ``port_factory``;
+- scoped leases (the library adapters, ``bind0``): with the scope running when they were asked
+  for: the fixture being set up (at its teardown), else the test (after its teardown), else the
+  session;
+- whatever is left when the session is unconfigured (a run cut short).
+
+A lease that ends while its port is still in use is a leak: an ``EphemeralPortWarning`` for the
+test or fixture that leased it (or, for leases that ask so, a count in the run summary). The
+plugin's hooks tell ``SessionLeases`` which test runs and which fixture is being set up; the
+plugin's fixtures and the adapters lease through it and import nothing else of each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, final
+
+import pytest
+
+from ._errors import Advice, ConfigError, PortNotLeased, PortsExhausted
+from ._holder import Holder
+from ._probe import Protocol, Targets, bind_targets
+from ._settings import Settings
+from ._warnings import EphemeralPortWarning
+
+if TYPE_CHECKING:
+    from ._allocator import PortAllocator, Stats
+    from ._ranges import PortRange
+
+SocketProtocol = Literal["tcp", "udp"]
+#: What the end of a lease does when its port is still in use: warn, or only count it.
+OnLeak = Literal["warn", "count"]
+_T = TypeVar("_T")
+_LeakCheck = Callable[[int, str, Targets, "tuple[socket.SocketKind, ...]"], "str | None"]
+
+ADVICE = Advice(
+    lock_dir="Fix this and try again, or choose another lock dir with --ephemeral-lock-dir.",
+    exhausted="Widen the range (--ephemeral-port-range), lower -n, release ports sooner, or look"
+    " for leaked leases with `pytest-ephemeral status`.",
+)
+
+
+class Scope:
+    """Who asked for a lease: the test running then, and the fixture being set up, if any."""
+
+    __slots__ = ("fixture", "item", "request")
+
+    def __init__(
+        self,
+        item: pytest.Item | None,
+        fixture: pytest.FixtureDef[Any] | None = None,
+        request: pytest.FixtureRequest | None = None,
+    ) -> None:
+        self.item = item
+        self.fixture = fixture
+        self.request = request  # the fixture's request, whose finalizers end its leases
+
+    @property
+    def nodeid(self) -> str | None:
+        return self.item.nodeid if self.item is not None else None
+
+    def describe(self) -> str:
+        if self.fixture is not None:
+            return f"fixture {self.fixture.argname!r} (set up for {self.nodeid or 'the session'})"
+        return self.nodeid or "the session"
+
+    def location(self) -> tuple[str, int]:
+        """File and line a warning points at: the fixture's function, else the test's."""
+        if self.fixture is not None:
+            code = getattr(self.fixture.func, "__code__", None)
+            if code is not None:
+                return code.co_filename, code.co_firstlineno
+        if self.item is not None:
+            path, line, _ = self.item.location
+            return str(self.item.config.rootpath / path), (line or 0) + 1
+        return __file__, 1
+
+
+class _Scoped:
+    """A scoped lease: who asked, and what its end does with a port still in use."""
+
+    __slots__ = ("on_leak", "scope")
+
+    def __init__(self, scope: Scope, on_leak: OnLeak) -> None:
+        self.scope = scope
+        self.on_leak = on_leak
+
+
+class SessionLeases:
+    """The leases of one pytest session in one process: settings, who asked for each lease, the
+    allocator, and the figures of the run summary. ``leases_of(config)`` returns it."""
+
+    def __init__(self, config: pytest.Config, settings: Settings, holder: Holder) -> None:
+        self.config = config
+        self.settings = settings
+        self.holder = holder
+        #: Figures of the adapters (``bind0``'s binds, say), summed over xdist workers.
+        self.counters: Counter[str] = Counter()
+        self.leaks = 0
+        self._item: pytest.Item | None = None  # the test running now
+        #: The fixtures being set up now, innermost last, with the request each is set up for.
+        self._fixtures: list[tuple[pytest.FixtureDef[Any], pytest.FixtureRequest]] = []
+        self._scoped: dict[int, _Scoped] = {}  # live scoped leases
+        self._of_test: list[int] = []  # scoped leases that end after the running test
+        self._ended: set[int] = set()  # released ports, to say "already released"
+        self._totals: dict[str, float] = {}  # figures of xdist workers, for the summary
+        self._peak = 0.0
+        self._stats: Stats | None = None
+        self._allocator: PortAllocator | None = None
+        self._still_in_use: _LeakCheck | None = None  # loaded with the allocator
+        self._mutex = threading.Lock()
+
+    # --- what runs now (the plugin's hooks say) ---------------------------------------------
+
+    @contextlib.contextmanager
+    def running(self, item: pytest.Item) -> Iterator[None]:
+        """While ``item`` runs, leases asked outside fixtures are the test's."""
+        self._item = item
+        try:
+            yield
+        finally:
+            self._item = None
+
+    @contextlib.contextmanager
+    def setting_up(
+        self, fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+    ) -> Iterator[None]:
+        """While a fixture is set up, leases asked are the fixture's."""
+        self._fixtures.append((fixturedef, request))
+        try:
+            yield
+        finally:
+            self._fixtures.pop()
+
+    def current_scope(self) -> Scope:
+        """Who asks now: the fixture being set up, else the running test, else the session."""
+        if self._fixtures:
+            fixturedef, request = self._fixtures[-1]
+            return Scope(self._item, fixturedef, request)
+        return Scope(self._item)
+
+    # --- leasing ------------------------------------------------------------------------------
+
+    @property
+    def allocator(self) -> PortAllocator:
+        if self._allocator is None:
+            with self._mutex:
+                if self._allocator is None:
+                    from ._allocator import Stats, allocator_for  # imports filelock: first lease
+                    from ._leakcheck import still_in_use
+
+                    self._still_in_use = still_in_use
+                    self._stats = Stats()
+                    self._allocator = allocator_for(
+                        self.settings.lock_dir, self.settings.lock_dir_given
+                    )
+        return self._allocator
+
+    def take(
+        self, n: int, protocol: Protocol, label: str | None, ports: PortRange | None = None
+    ) -> list[int]:
+        """Lease ``n`` consecutive ports of ``ports`` (default: the session's range), waiting up
+        to the timeout; whoever calls this ends the leases."""
+        allocator = self.allocator
+        settings = self.settings if ports is None else self.settings._replace(ports=ports)
+        with ADVICE:
+            taken = allocator.lease_block(n, settings, protocol, label, self.holder, self._stats)
+        self._ended.difference_update(taken)
+        return taken
+
+    def lease(
+        self,
+        protocol: Protocol,
+        *,
+        ports: PortRange | None = None,
+        exclude: frozenset[int] = frozenset(),
+        scope: Scope | None = None,
+        on_leak: OnLeak = "warn",
+    ) -> int:
+        """Lease one port of ``ports`` (default: the range), not in ``exclude``, for ``scope``
+        (default: whoever asks now); it ends with that scope, or at ``end(port)``."""
+        scope = scope or self.current_scope()
+        rejected: list[int] = []  # kept until a good one comes, so the search moves past them
+        try:
+            while True:
+                port = self.take(1, protocol, scope.nodeid, ports)[0]
+                if port not in exclude:
+                    break
+                rejected.append(port)
+        finally:
+            for unwanted in rejected:
+                self.allocator.release(unwanted)
+        self._hold_for(port, scope, on_leak)
+        return port
+
+    def try_lease(
+        self,
+        protocol: Protocol,
+        *,
+        max_tries: int,
+        on_leak: OnLeak = "count",
+        scope: Scope | None = None,
+    ) -> int | None:
+        """Lease one port now, for ``scope`` (default: whoever asks now), or None: it never
+        waits and tries at most ``max_tries`` candidates. It ends as a ``lease()`` does."""
+        scope = scope or self.current_scope()
+        settings = self.settings._replace(timeout=0.0)
+        try:  # TODO(allocator): a bounded attempt that builds no PortsExhausted
+            port = self.allocator.lease(settings, protocol, scope.nodeid, self.holder, self._stats)
+        except PortsExhausted:
+            return None
+        self._ended.discard(port)
+        self._hold_for(port, scope, on_leak)
+        return port
+
+    def _hold_for(self, port: int, scope: Scope, on_leak: OnLeak) -> None:
+        with self._mutex:
+            self._scoped[port] = _Scoped(scope, on_leak)
+            if scope.request is not None:
+                # Registered while the fixture runs, before pytest registers the teardown of a
+                # yield fixture: finalizers run last-in first-out, so the port outlives the server.
+                scope.request.addfinalizer(lambda: self._end_scoped(port, stacklevel=2))
+            elif scope.item is not None:
+                self._of_test.append(port)
+
+    def holds(self, port: int) -> bool:
+        """Whether ``port`` is a scoped lease of this session that has not ended."""
+        return port in self._scoped
+
+    def end(self, port: int) -> bool:
+        """End a scoped lease now (``portpicker.return_port``, a failed bind); False if ``port``
+        is not one."""
+        if port not in self._scoped:
+            return False
+        self._end_scoped(port, stacklevel=3)
+        return True
+
+    def end_test(self, item: pytest.Item) -> None:
+        """End the scoped leases of the test that has just been torn down."""
+        with self._mutex:
+            ports, self._of_test = self._of_test, []
+        for port in ports:
+            warning = self._end_one_scoped(port)
+            if warning is not None:
+                item.warn(warning)
+
+    def end_scoped_leases(self) -> None:
+        """Release the scoped leases left (asked outside tests and fixtures), without a leak
+        check: a server started at collection may rightly still be stopping."""
+        with self._mutex:
+            left, self._scoped = self._scoped, {}
+        for port in left:
+            with contextlib.suppress(ValueError):  # released already (PortNotLeased)
+                self.allocator.release(port)
+
+    def _end_scoped(self, port: int, stacklevel: int) -> None:
+        warning = self._end_one_scoped(port)
+        if warning is not None:
+            warnings.warn(warning, stacklevel=stacklevel + 1)
+
+    def _end_one_scoped(self, port: int) -> EphemeralPortWarning | None:
+        with self._mutex:
+            scoped = self._scoped.pop(port, None)
+            if port in self._of_test:
+                self._of_test.remove(port)
+        if scoped is None:
+            return None  # ended already (return_port, say)
+        return self.end_lease(port, scoped.scope, scoped.on_leak)
+
+    def end_lease(
+        self, port: int, scope: Scope, on_leak: OnLeak = "warn"
+    ) -> EphemeralPortWarning | None:
+        """Release ``port``; if the test left something using it, return the warning to emit
+        (or count it, when ``on_leak`` says so).
+
+        Checked while the lease is still held, so whatever uses the port is the test's own, and
+        released whatever happens, so a warning made an error (-W error) cannot keep the lease.
+        """
+        allocator, host = self.allocator, self.settings.host
+        try:
+            assert self._still_in_use is not None  # set with the allocator
+            kinds = allocator.lease_of(port).kinds
+            use = self._still_in_use(port, host, bind_targets(host), kinds)
+        finally:
+            allocator.release(port)
+            self._ended.add(port)
+        if use is None:
+            return None
+        if on_leak == "count":
+            self.counters["still_open"] += 1
+            return None
+        self.leaks += 1
+        return EphemeralPortWarning(
+            f"port {port}, leased by {scope.describe()}, is still {use} after its lease ended:"
+            " stop the server and close its sockets before the test ends"
+        )
+
+    def was_released(self, port: int) -> bool:
+        return port in self._ended
+
+    # --- the end of the session ----------------------------------------------------------------
+
+    def report_late(self, leaks: list[tuple[Scope, EphemeralPortWarning]]) -> None:
+        """Leaks found at the end of the session, reported under the test or fixture that leased
+        the port (not the last test to run, which did nothing wrong, and which they cannot fail)."""
+        for scope, warning in leaks:
+            filename, line = scope.location()
+            # The warning filters in force (-W, filterwarnings) decide whether it is shown; made
+            # an error, it is still only reported: the test that leased the port is over.
+            with warnings.catch_warnings(record=True) as shown:
+                try:
+                    warnings.warn_explicit(warning, type(warning), filename, line)
+                except EphemeralPortWarning:
+                    shown.append(warnings.WarningMessage(warning, type(warning), filename, line))
+            if not shown:
+                self.leaks -= 1  # filtered out: not counted either
+                continue
+            self.config.hook.pytest_warning_recorded.call_historic(
+                kwargs={
+                    "warning_message": shown[0],
+                    "when": "runtest",
+                    "nodeid": scope.nodeid or "",
+                    "location": (filename, line, scope.describe()),
+                }
+            )
+
+    # --- figures ---------------------------------------------------------------------------------
+
+    def figures(self) -> dict[str, float]:
+        """This process's figures for the run summary (all zero if it leased nothing)."""
+        stats = asdict(self._stats) if self._stats else {}
+        return {**stats, "leaks": self.leaks, **self.counters}
+
+    def add_figures(self, figures: dict[str, float]) -> None:
+        """Add a process's figures (an xdist worker's, or this one's) to the run's totals."""
+        for key, value in figures.items():
+            if key == "peak":
+                self._peak = max(self._peak, value)
+            else:
+                self._totals[key] = self._totals.get(key, 0) + value
+
+    def totals(self) -> dict[str, float]:
+        return {**self._totals, "peak": self._peak}
+
+
+@final
+class PortFactory:
+    """Leases ports, consecutive blocks and bound sockets, over TCP, UDP or both.
+
+    ``port_factory`` returns the session's: its leases last until ``release(port)`` or the end of
+    the session. ``free_ports`` returns one per test: its leases end at the test's teardown. Either
+    way a lease that ends while its port is still in use emits ``EphemeralPortWarning``.
+    """
+
+    __module__ = "pytest_ephemeral"
+
+    def __init__(self, leases: SessionLeases, owner: pytest.Item | None = None) -> None:
+        self._leases = leases
+        self._owner = owner  # the test whose teardown ends these leases; None: the session
+        self._mine: dict[int, Scope] = {}
+        self._sockets: dict[int, socket.socket] = {}
+        self._own_teardown: set[int] = set()  # leases a fixture of their own ends (free_port)
+        self._set_up = False  # a test's factory: whether ``free_ports`` is set up now
+        self._mutex = threading.Lock()
+
+    def __call__(self, *, protocol: Protocol = "tcp") -> int:
+        """Lease one port, bind-checked for ``protocol``: "tcp", "udp" or "both"."""
+        return self.block(1, protocol=protocol)[0]
+
+    def block(self, n: int, *, protocol: Protocol = "tcp") -> list[int]:
+        """Lease ``n`` consecutive ports, bind-checked for ``protocol``."""
+        scope = self._scope()
+        ports = self._leases.take(n, protocol, scope.nodeid)
+        with self._mutex:
+            self._mine.update(dict.fromkeys(ports, scope))
+        return ports
+
+    def socket(self, *, protocol: SocketProtocol = "tcp", host: str | None = None) -> socket.socket:
+        """A socket already bound to a newly leased port on ``host`` (default: the configured host).
+
+        ``protocol`` is "tcp" (not yet listening) or "udp". The socket is closed, and the lease
+        ended, by ``release(port)`` or when the factory's leases end.
+        """
+        if protocol not in ("tcp", "udp"):
+            raise ConfigError(f"a socket's protocol must be 'tcp' or 'udp', not {protocol!r}")
+        scope = self._scope()
+        sock = _bound_socket(self._leases, protocol, host or self._leases.settings.host, scope)
+        port = sock.getsockname()[1]
+        with self._mutex:
+            self._mine[port] = scope
+            self._sockets[port] = sock
+        return sock
+
+    def release(self, port: int) -> None:
+        """End the lease of one port early; ``PortNotLeased`` (a ``ValueError``) if this factory
+        does not hold it, or released it already."""
+        warning = self._end(port)
+        if warning is not None:
+            warnings.warn(warning, stacklevel=2)
+
+    def _scope(self) -> Scope:
+        return Scope(self._owner) if self._owner is not None else self._leases.current_scope()
+
+    def _end(self, port: int) -> EphemeralPortWarning | None:
+        with self._mutex:
+            scope = self._mine.pop(port, None)
+            sock = self._sockets.pop(port, None)
+            self._own_teardown.discard(port)
+        if scope is None:
+            if self._leases.was_released(port):
+                raise PortNotLeased(f"port {port} was already released")
+            raise PortNotLeased(f"port {port} is not leased by this factory")
+        if sock is not None:
+            sock.close()
+        return self._leases.end_lease(port, scope)
+
+    def _end_all(self) -> list[tuple[Scope, EphemeralPortWarning]]:
+        """End every lease still held, but those a fixture of their own ends; the leaks found,
+        with who leased each.
+
+        Every lease is ended, whatever goes wrong with one of them (no descriptor left for the
+        leak check, say); the first such error is raised once they all are.
+        """
+        leaks = []
+        failure: BaseException | None = None
+        with self._mutex:
+            mine = {port: s for port, s in self._mine.items() if port not in self._own_teardown}
+        for port, scope in sorted(mine.items()):
+            try:
+                warning = self._end(port)
+            except PortNotLeased:
+                continue  # released meanwhile by another thread
+            except BaseException as error:
+                failure = failure or error
+                continue
+            if warning is not None:
+                leaks.append((scope, warning))
+        if failure is not None:
+            raise failure
+        return leaks
+
+
+def _bound_socket(
+    leases: SessionLeases, protocol: SocketProtocol, host: str, scope: Scope
+) -> socket.socket:
+    """A socket bound to a newly leased port. A program that ignores the locks could bind the
+    port between the probe and this bind: then the lease goes back and the next port is tried.
+    """
+    from ._probe import bound_socket, family_of
+
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    for attempt in range(1, 4):
+        port = leases.take(1, protocol, scope.nodeid)[0]
+        try:
+            return bound_socket(family_of(host), kind, host, port)
+        except BaseException as error:
+            leases.allocator.release(port)
+            if not isinstance(error, OSError) or attempt == 3:
+                raise
+    raise AssertionError("unreachable")
+
+
+# --- the session, kept on the config ------------------------------------------------------------
+
+_LEASES = pytest.StashKey[SessionLeases]()
+_FACTORY = pytest.StashKey[PortFactory]()
+_TEST_FACTORY = pytest.StashKey[PortFactory]()
+
+
+def start(config: pytest.Config, settings: Settings, holder: Holder) -> SessionLeases:
+    """Begin the session's leases (from ``pytest_configure``)."""
+    leases = config.stash[_LEASES] = SessionLeases(config, settings, holder)
+    config.stash[_FACTORY] = PortFactory(leases)
+    return leases
+
+
+def leases_of(config: pytest.Config) -> SessionLeases:
+    """The session's leases; ``KeyError`` before ``pytest_configure`` has run."""
+    return config.stash[_LEASES]
+
+
+def started(config: pytest.Config) -> bool:
+    return _LEASES in config.stash
+
+
+def finish(config: pytest.Config) -> None:
+    """End every lease left when the session is unconfigured (a session cut short)."""
+    if _LEASES in config.stash:
+        leases = config.stash[_LEASES]
+        try:
+            config.stash[_FACTORY]._end_all()
+        finally:
+            leases.end_scoped_leases()
+
+
+def test_finished(item: pytest.Item) -> None:
+    """The test and its fixtures are torn down: end its scoped leases, forget its factory."""
+    leases_of(item.config).end_test(item)
+    if _TEST_FACTORY in item.stash:  # its leases have ended with the test's fixtures
+        del item.stash[_TEST_FACTORY]
+
+
+# --- the fixtures' leases ---------------------------------------------------------------------
+
+
+def session_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
+    """The body of ``port_factory``: the session's factory, whose leases end with the session;
+    a port still in use then is reported under the test or fixture that leased it."""
+    factory = request.config.stash[_FACTORY]
+    yield factory
+    factory._leases.report_late(factory._end_all())
+
+
+def test_factory(request: pytest.FixtureRequest) -> PortFactory:
+    """The factory of the running test's leases, kept on the test until it ends: ``free_ports``
+    is it, and ``free_port`` and ``free_socket`` lease through it, so ``free_ports.release()``
+    ends theirs too.
+
+    Not a fixture of its own: ``free_port`` asks pytest for no other fixture, which would cost
+    every test that uses it a fixture set-up and teardown more than its own recipe did.
+    """
+    item: pytest.Item = request.node
+    factory = item.stash.get(_TEST_FACTORY, None)
+    if factory is None:
+        factory = item.stash[_TEST_FACTORY] = PortFactory(leases_of(request.config), item)
+    return factory
+
+
+def test_ports(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
+    """The body of ``free_ports``: the test's factory, whose leases end at its teardown."""
+    factory = test_factory(request)
+    factory._set_up = True
+    yield factory
+    try:
+        leaks = factory._end_all()
+    finally:
+        factory._set_up = False
+    for _, warning in leaks:
+        request.node.warn(warning)
+
+
+def one_port(request: pytest.FixtureRequest, protocol: Protocol = "tcp") -> Iterator[int]:
+    """The body of a fixture giving a test one port, leased through the test's factory."""
+    factory = test_factory(request)
+    port = factory(protocol=protocol)
+    yield from _until_teardown(request, factory, port, port)
+
+
+def one_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
+    """The body of ``free_socket``: a TCP socket bound to a port leased for the test."""
+    factory = test_factory(request)
+    sock = factory.socket()
+    yield from _until_teardown(request, factory, sock.getsockname()[1], sock)
+
+
+def _until_teardown(
+    request: pytest.FixtureRequest, factory: PortFactory, port: int, value: _T
+) -> Iterator[_T]:
+    """Yield a one-port fixture's ``value``, then end the lease of ``port`` at the fixture's
+    teardown, after the fixtures that use it. Unless ``free_ports`` is still set up: a fixture
+    using that may hold the port too (a server factory the test handed ``free_port``), so its
+    teardown, which comes later, ends the lease.
+    """
+    with factory._mutex:
+        factory._own_teardown.add(port)
+    yield value
+    with factory._mutex:
+        factory._own_teardown.discard(port)
+        if factory._set_up:
+            return
+    try:
+        warning = factory._end(port)
+    except PortNotLeased:  # released already, through free_ports.release()
+        return
+    if warning is not None:
+        request.node.warn(warning)  # located at the test, shown under its node id
