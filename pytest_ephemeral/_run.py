@@ -323,8 +323,9 @@ def _listening(host: str, ports: Sequence[int]) -> list[socket.socket]:
     """A TCP socket per port, bound to ``(host, port)`` and listening; ``OSError`` (the ones made
     so far closed) when one cannot be, e.g. a program that ignores the locks took the port.
 
-    ``SO_REUSEADDR`` is set, as servers that bind for themselves set it (on POSIX it lets a bind
-    by a listener in TIME_WAIT, never beside another listener), so ``--reuse-addr yes`` holds.
+    ``SO_REUSEADDR`` is set, as servers that bind for themselves set it: on POSIX it lets the
+    bind succeed while an earlier server's connections linger in TIME_WAIT (a port that
+    ``--reuse-addr yes`` may lease), never beside another listener.
     """
     from ._probe import family_of
 
