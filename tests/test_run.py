@@ -584,3 +584,14 @@ def test_fd_placeholders_only_with_listen() -> None:
         expand(["{fd3}"], [7, 9], listen=True)
     with pytest.raises(UsageError, match=r"placeholders are \{port\}, \{ports\}, \{port1\}$"):
         expand(["{port01}"], [7])
+
+
+def test_listen_binds_the_configured_host(private_range: MakeRange, tmp_path: Path) -> None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    private = private_range(2)
+    seen = listened(private, tmp_path, "--ports", "2", "--host", "::1")
+    assert [address for address, _, _ in seen["fds"].values()] == ["::1", "::1"]
