@@ -1,4 +1,5 @@
-"""Helpers the examples share: a tiny HTTP handler, a line-echo handler, and their clients.
+"""Helpers the examples share: a tiny HTTP handler, a line-echo handler, their clients, and a
+way to stop a child server.
 
 Every client here closes its connection before the server does. The side that closes first keeps
 the connection in TIME_WAIT for a minute; when that is the client, it sits on the client's own
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import socketserver
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,6 +63,16 @@ def serving(server: socketserver.BaseServer) -> Iterator[None]:
         server.shutdown()
         server.server_close()
         thread.join(TIMEOUT)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a child server: SIGTERM, then SIGKILL if it has not exited within TIMEOUT."""
+    process.terminate()
+    try:
+        process.wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def http_request(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import pytest
 
-from ._support import HOST, TIMEOUT, http_request
+from ._support import HOST, TIMEOUT, http_request, stop
 
 # Python 3.11+ can serve HTTP/1.1 keep-alive, so the client, not the server, closes first.
 KEEP_ALIVE = ["--protocol", "HTTP/1.1"] if sys.version_info >= (3, 11) else []
@@ -48,12 +48,7 @@ def served_dir(free_port: int, tmp_path: Path) -> Iterator[tuple[int, Path]]:
         wait_until_accepting(free_port, process)
         yield free_port, tmp_path
     finally:
-        process.terminate()
-        try:
-            process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 FILES = {

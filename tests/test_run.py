@@ -7,6 +7,7 @@ import os
 import select
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from pytest_ephemeral import PortsExhausted, lease_port
-from pytest_ephemeral._run import _label, expand
+from pytest_ephemeral._run import UsageError, _check_listen, _label, expand
 
 from .conftest import Holder, MakeRange, PrivateRange
 
@@ -413,3 +414,184 @@ def test_ctrl_c_at_a_terminal_reaches_the_command_once(private_range: MakeRange)
     finally:
         os.close(master)
         os.close(slave)
+
+
+# --- N is bounded before anything is built from it ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["--ports", "5000000"], "not 5000000"),
+        (["--block", "65536"], "not 65536"),
+        (["--ports", "999999999999999999999"], "not 99999999999999999999..."),
+        (["--block", "9" * 100_000], "not 99999999999999999999..."),  # beyond int()'s limit
+    ],
+    ids=["5e6", "65536", "21-digits", "1e5-digits"],
+)
+def test_a_count_beyond_every_port_is_a_usage_error_at_once(args: list[str], shown: str) -> None:
+    # Time-bounded by construction: before the bound, --ports 5000000 took seconds and 808 MB,
+    # and a 21-digit N was killed by the OOM killer. A start-up takes a fraction of this timeout.
+    done = subprocess.run([*RUN, *args, "--", "true"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"pytest-ephemeral run: error: argument {args[0]}: needs at most 65535, {shown}"
+        " (see pytest-ephemeral run --help)\n"
+    )
+
+
+def test_the_most_ports_there_are_is_checked_against_the_range(private_range: MakeRange) -> None:
+    private = private_range(2)
+    options = ["--lock-dir", str(private.lock_dir), "--port-range", private.spec]
+    # {port65535} exists for 65535 ports: the range is what refuses them, before any expansion.
+    done = subprocess.run(
+        [*RUN, *options, "--ports", "65535", "--", "echo", "{port65535}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"pytest-ephemeral run: error: cannot lease 65535 ports: {private.spec} has 2 ports\n"
+    )
+
+
+# --- --listen: the command gets listening sockets -------------------------------------------
+
+#: A child that writes what it got as JSON to $REPORT_FILE: its pid, its LISTEN_* variables and
+#: arguments, each passed descriptor's port and whether it listens, and the descriptors open
+#: just above the passed ones (none should be).
+LISTENER = """
+import json, os, socket, sys
+n = int(os.environ["LISTEN_FDS"])
+fds = {}
+for fd in range(3, 3 + n):
+    sock = socket.socket(fileno=fd)
+    accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    fds[fd] = [sock.getsockname()[0], sock.getsockname()[1], bool(accepting)]
+    sock.detach()
+extra = []
+for fd in range(3 + n, 3 + n + 8):
+    try:
+        os.fstat(fd)
+        extra.append(fd)
+    except OSError:
+        pass
+listen = {k: v for k, v in os.environ.items() if k.startswith("LISTEN_")}
+with open(os.environ["REPORT_FILE"], "w") as out:
+    json.dump({"pid": os.getpid(), "env": listen, "argv": sys.argv[1:], "fds": fds,
+               "extra": extra, "ports": os.environ["EPHEMERAL_PORTS"]}, out)
+"""
+
+
+def listened(private: PrivateRange, tmp_path: Path, *options: str) -> dict[str, Any]:
+    """Run LISTENER under ``run --listen`` with ``options``: what the child saw."""
+    out = tmp_path / "listen.json"
+    env = {**os.environ, "REPORT_FILE": str(out), "LISTEN_PID": "1"}  # an outer one: replaced
+    command = ["--lock-dir", str(private.lock_dir), "--port-range", private.spec, "--listen"]
+    arguments = ["{fd}", "{fd1}", "{fd2}", "{port2}", "{{fd}}", "${fd2}"]
+    done = run(*command, *options, "--", sys.executable, "-c", LISTENER, *arguments, env=env)
+    assert done.returncode == 0, done.stderr
+    seen: dict[str, Any] = json.loads(out.read_text())
+    return seen
+
+
+@pytest.mark.parametrize("count", [["--ports", "2"], ["--block", "2"]])
+def test_listen_passes_listening_sockets_from_descriptor_3(
+    private_range: MakeRange, tmp_path: Path, count: list[str]
+) -> None:
+    private = private_range(3)
+    seen = listened(private, tmp_path, *count)
+    ports = [int(port) for port in seen["ports"].split(",")]
+    assert set(ports) <= set(private.ports)
+    assert seen["fds"] == {"3": ["127.0.0.1", ports[0], True], "4": ["127.0.0.1", ports[1], True]}
+    assert seen["extra"] == []  # no copy, placeholder or lock descriptor reached the command
+    assert seen["env"] == {
+        "LISTEN_FDS": "2",
+        "LISTEN_PID": str(seen["pid"]),  # the command's own pid, not the runner's
+        "LISTEN_FDNAMES": f"{ports[0]}:{ports[1]}",
+    }
+    assert seen["argv"] == ["3", "3", "4", str(ports[1]), "{fd}", "$4"]
+
+
+def test_listen_passes_more_than_seven_descriptors(
+    private_range: MakeRange, tmp_path: Path
+) -> None:
+    private = private_range(12)  # descriptors 3-14: two digits, beyond a shell's redirections
+    seen = listened(private, tmp_path, "--ports", "12")
+    ports = [int(port) for port in seen["ports"].split(",")]
+    assert [seen["fds"][str(fd)][1] for fd in range(3, 15)] == ports
+    assert all(accepting for _, _, accepting in seen["fds"].values())
+    assert seen["extra"] == []
+    assert seen["env"]["LISTEN_FDS"] == "12"
+
+
+#: A child that closes its listening socket, says so and waits for its stdin to close.
+CLOSER = """
+import os, sys
+os.close(3)
+print("closed", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_runner_keeps_no_copy_of_the_sockets(private_range: MakeRange) -> None:
+    private = private_range(1)
+    port = private.ports[0]
+    command = [*RUN, "--lock-dir", str(private.lock_dir), "--port-range", private.spec]
+    command += ["--listen", "--", sys.executable, "-c", CLOSER]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as runner:
+        try:
+            assert read_line(runner) == "closed"
+            # The command closed the only copy: nobody listens, though the lease is still held.
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=10).close()
+            assert [lease["port"] for lease in status(private.lock_dir)] == [port]
+        finally:
+            runner.kill()
+
+
+def test_listen_without_a_command_to_run_reports_it_and_releases(
+    private_range: MakeRange,
+) -> None:
+    private = private_range(1)
+    options = ["--lock-dir", str(private.lock_dir), "--port-range", private.spec, "--listen"]
+    missing = run(*options, "--", "no-such-command-here")
+    assert missing.returncode == 127  # Popen's own report of the failed exec still works
+    assert missing.stderr == "pytest-ephemeral run: no-such-command-here: command not found\n"
+    assert status(private.lock_dir) == []
+
+
+def test_listen_with_udp_only_is_a_usage_error() -> None:
+    done = run("--listen", "--protocol", "udp", "--", "true")
+    assert done.returncode == 2
+    assert done.stderr == (
+        "pytest-ephemeral run: error: --listen passes TCP sockets: use --protocol tcp or both"
+        " with it\n"
+    )
+
+
+def test_listen_is_refused_where_descriptors_cannot_be_passed() -> None:
+    with pytest.raises(UsageError, match="--listen needs a POSIX system"):
+        _check_listen("tcp", "nt")
+
+
+def test_fd_placeholders_only_with_listen() -> None:
+    command = ["{fd}", "{fd2}", "{{fd}}", "{port2}"]
+    assert expand(command, [7, 9]) == ["{fd}", "{fd2}", "{{fd}}", "9"]  # as before --listen
+    assert expand(command, [7, 9], listen=True) == ["3", "4", "{fd}", "9"]
+    with pytest.raises(UsageError, match=r"\{fd1\} \.\.\. \{fd2\}$"):
+        expand(["{fd3}"], [7, 9], listen=True)
+    with pytest.raises(UsageError, match=r"placeholders are \{port\}, \{ports\}, \{port1\}$"):
+        expand(["{port01}"], [7])
+
+
+def test_listen_binds_the_configured_host(private_range: MakeRange, tmp_path: Path) -> None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    private = private_range(2)
+    seen = listened(private, tmp_path, "--ports", "2", "--host", "::1")
+    assert [address for address, _, _ in seen["fds"].values()] == ["::1", "::1"]
