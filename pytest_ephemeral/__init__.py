@@ -6,7 +6,14 @@ that need pytest load only when asked for.
 
 from __future__ import annotations
 
-from ._errors import ConfigError, EphemeralError, LockDirError, PortNotLeased, PortsExhausted
+from ._errors import (
+    ConfigError,
+    ConfigTypeError,
+    EphemeralError,
+    LockDirError,
+    PortNotLeased,
+    PortsExhausted,
+)
 
 TYPE_CHECKING = False  # not typing's: importing typing would be most of this module's cost
 if TYPE_CHECKING:
@@ -18,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConfigError",
+    "ConfigTypeError",
     "EphemeralError",
     "EphemeralPortWarning",
     "LockDirError",

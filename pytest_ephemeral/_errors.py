@@ -4,6 +4,9 @@ The core says what happened (the range, the counts, the holders, the lock dir an
 Whoever called it knows what the user can change: the plugin names its ``--ephemeral-*`` options,
 ``lease_port()`` its keyword arguments and environment variables. Either sets ``advice``, which
 ``str()`` appends.
+
+Every one survives ``pickle`` with its message, advice and attributes, so an error raised in a
+``multiprocessing`` or ``concurrent.futures`` worker reaches the parent as it was raised.
 """
 
 from __future__ import annotations
@@ -23,10 +26,29 @@ class EphemeralError(Exception):
         text = super().__str__()
         return f"{text}\n{self.advice}" if self.advice else text
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from the message and the attributes as they are, not by calling __init__ again:
+        # subclasses take keyword-only arguments, and a message that quotes a holder's age must
+        # not change on its way to another process.
+        return _restore, (type(self), self.args), self.__dict__
+
+
+def _restore(kind: type[EphemeralError], args: tuple[Any, ...]) -> EphemeralError:
+    """An error of ``kind`` with ``args`` and no ``__init__`` run; pickle then sets its
+    attributes (``__setstate__``)."""
+    error = kind.__new__(kind, *args)
+    error.args = args  # OSError.__new__ leaves args empty for a subclass with its own __init__
+    return error
+
 
 class ConfigError(EphemeralError, ValueError):
     """A setting or argument has a value that cannot be used; the message names it and where it
     came from."""
+
+
+class ConfigTypeError(EphemeralError, TypeError):
+    """An argument of the wrong type (``lease_block("3")``): a mistake in the calling code, so a
+    ``TypeError``, not a ``ConfigError``."""
 
 
 class LockDirError(EphemeralError, OSError):
@@ -42,7 +64,7 @@ class LockDirError(EphemeralError, OSError):
         self.reason = reason
 
     def __str__(self) -> str:  # OSError's own __str__ would show the args tuple
-        text = str(self.args[0])
+        text = str(self.args[0]) if self.args else ""
         return f"{text}\n{self.advice}" if self.advice else text
 
 
@@ -131,5 +153,12 @@ class Advice:
             error.advice = error.advice or self._exhausted
 
 
-for _public in (EphemeralError, ConfigError, LockDirError, PortNotLeased, PortsExhausted):
+for _public in (
+    EphemeralError,
+    ConfigError,
+    ConfigTypeError,
+    LockDirError,
+    PortNotLeased,
+    PortsExhausted,
+):
     _public.__module__ = "pytest_ephemeral"  # tracebacks show where users import them from
