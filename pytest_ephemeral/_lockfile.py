@@ -24,7 +24,7 @@ from typing import Any
 
 from filelock import lock_descriptor, unlock_descriptor
 
-from ._holder import Holder, holder_json
+from ._holder import RECORD_MAX, Holder, holder_json, parse_record
 
 _COMMON = (
     getattr(os, "O_NOFOLLOW", 0)
@@ -165,8 +165,10 @@ def read_live_record(dir_path: str, port: int, dir_fd: int = -1) -> dict[str, An
     Taking the lock for a moment is how liveness is tested: a record left by a killed process
     sits in a file nobody has locked. The result has every key of ``RECORD_KEYS`` (``None`` where
     unknown); a holder that wrote no record (another program following the lock protocol, or a
-    lease a moment old) or an unreadable one also gets a ``problem`` saying so. Raises
-    ``Unusable`` for something that is not our own regular file.
+    lease a moment old) or an unreadable one (anything that is not one short line of a JSON object
+    with fields of the right types: see ``_holder.parse_record``) also gets a ``problem`` saying
+    so. At most ``RECORD_MAX`` bytes are read. Raises ``Unusable`` for something that is not our
+    own regular file.
     """
     try:
         fd, _ = _open(dir_path, dir_fd, port, _READ_FLAGS)
@@ -177,19 +179,10 @@ def read_live_record(dir_path: str, port: int, dir_fd: int = -1) -> dict[str, An
             unlock_descriptor(fd)
             return None
         os.lseek(fd, 1, os.SEEK_SET)  # skip byte 0, which Windows keeps locked
-        data = os.read(fd, 65536).partition(b"\n")[0]
+        data = os.read(fd, RECORD_MAX)  # a record is one short line: never read a whole file
     finally:
         os.close(fd)
     record: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
-    if not data:
-        record["problem"] = "no holder record"
-    else:
-        try:
-            found = json.loads(data)
-            if not isinstance(found, dict):
-                raise ValueError("not a JSON object")
-            record.update((key, found.get(key)) for key in RECORD_KEYS)
-        except ValueError as error:
-            record["problem"] = f"unreadable holder record: {error}"
+    record.update(parse_record(data.partition(b"\n")[0]))
     record["port"] = port
     return record

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
+import subprocess
+import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 from pytest_ephemeral._allocator import Stats, allocator_for
@@ -112,3 +116,47 @@ class Leaser:
     def release_all(self) -> None:
         for port in sorted(self._mine):
             self.release(port)
+
+
+#: A process that locks lock files and writes what it is told into them, as any program following
+#: the lock protocol may: ``argv`` is ``PATH CONTENT_FILE SIZE`` triples (SIZE extends the file,
+#: sparse, after CONTENT_FILE's bytes). It prints "locked" and holds the locks until stdin closes.
+WRITE_AND_HOLD = """
+import os
+import sys
+
+from filelock import lock_descriptor
+
+for path, content, size in zip(*[iter(sys.argv[1:])] * 3):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    assert lock_descriptor(fd, blocking=False)
+    with open(content, "rb") as source:
+        os.write(fd, source.read())
+    if int(size):
+        os.ftruncate(fd, int(size))
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def written_and_held(lock_dir: Path, contents: dict[int, bytes], size: int = 0) -> Iterator[None]:
+    """Another process holds the lock file of each port of ``contents`` with those bytes in it
+    (each file extended to ``size`` bytes if that is more), until the block ends."""
+    args = []
+    for port, data in contents.items():
+        source = lock_dir.parent / f"content-{lock_dir.name}-{port}"
+        source.write_bytes(data)
+        args += [str(lock_dir / f"{port}.lock"), str(source), str(size)]
+    command = [sys.executable, "-c", WRITE_AND_HOLD, *args]
+    with subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as process:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        try:
+            assert process.stdout.readline() == "locked\n"
+            yield
+        finally:
+            process.stdin.close()
+            process.wait(timeout=60)
