@@ -9,6 +9,7 @@ checked by the same code. A bad value is a usage error (exit 2) naming it and wh
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -16,11 +17,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._configfile import addopts_layer, config_file_layer, project_config
-from ._errors import ConfigError
-from ._lockdir import default_lock_dir
+from ._errors import ConfigError, EphemeralError, LockDirError
+from ._holder import printable
+from ._lockdir import default_lock_dir, explain
 from ._portmap import Row, axis_low, draw
 from ._ranges import IANA_DYNAMIC, derive_auto, format_spans, normalize, read_system_ports
 from ._settings import NAMES, Layer, Raw, Settings, env_layer, exclusions, resolve
@@ -28,26 +30,42 @@ from ._settings import NAMES, Layer, Raw, Settings, env_layer, exclusions, resol
 _LOCK_FILE = re.compile(r"(\d+)\.lock")
 
 
-def live_leases(lock_dir: Path) -> list[dict[str, Any]]:
-    """The holder records of every lease held right now in ``lock_dir``, by port, and of every
-    unusable lock path (a FIFO, a symlink, ...), with a ``problem`` saying what it is."""
-    from ._lockfile import RECORD_KEYS, Unusable, read_live_record  # imports filelock
+class LockDirScan(NamedTuple):
+    """What a lock dir holds right now."""
 
+    #: The holder record of every live lease, by port (a record may say it is unreadable).
+    leases: list[dict[str, Any]]
+    #: Each lock path that holds something other than our own regular file (a FIFO, a symlink,
+    #: ...), and what: never a lease, whoever put it there.
+    unusable: dict[int, str]
+
+
+def scan_lock_dir(lock_dir: Path) -> LockDirScan:
+    """The live leases and the unusable lock paths of ``lock_dir`` (none if it does not exist).
+    Raises ``LockDirError`` when it cannot be read."""
+    from ._lockfile import Unusable, read_live_record  # imports filelock
+
+    leases, unusable = [], {}
     try:
         names = os.listdir(lock_dir)
+        for port in sorted(int(m[1]) for name in names if (m := _LOCK_FILE.fullmatch(name))):
+            try:
+                record = read_live_record(str(lock_dir), port)
+            except Unusable as what:
+                unusable[port] = str(what)
+                continue
+            if record is not None:
+                leases.append(record)
     except FileNotFoundError:
-        return []
-    ports = sorted(int(m[1]) for name in names if (m := _LOCK_FILE.fullmatch(name)))
-    records = []
-    for port in ports:
-        try:
-            record = read_live_record(str(lock_dir), port)
-        except Unusable as unusable:
-            record = dict.fromkeys(RECORD_KEYS)
-            record.update(port=port, problem=f"unusable lock file: {unusable}")
-        if record is not None:
-            records.append(record)
-    return records
+        pass
+    except OSError as error:  # not a directory, no permission, out of descriptors, ...
+        raise LockDirError(str(lock_dir), f"cannot be read: {explain(error)}") from None
+    return LockDirScan(leases, unusable)
+
+
+def live_leases(lock_dir: Path) -> list[dict[str, Any]]:
+    """The holder records of every lease held right now in ``lock_dir``, by port."""
+    return scan_lock_dir(lock_dir).leases
 
 
 class _Project:
@@ -96,31 +114,29 @@ def _status(project: _Project, as_json: bool) -> int:
             file=sys.stderr,
         )
         return 1
-    leases = live_leases(lock_dir)
+    leases, unusable = scan_lock_dir(lock_dir)
     for lease in leases:
-        if "unreadable" in lease.get("problem", ""):
-            print(
-                f"pytest-ephemeral: warning: port {lease['port']}: {lease['problem']}",
-                file=sys.stderr,
-            )
+        if "unreadable" in (lease.get("problem") or ""):
+            _warn(f"port {lease['port']}: {lease['problem']}")
+    for port, what in unusable.items():
+        _warn(f"port {port}: unusable lock file, not a lease (remove it): {what}")
     if as_json:
         print(json.dumps(leases, indent=2))
         return 0
     now = time.time()
-    rows = [("PORT", "PID", "HOST", "WORKER", "AGE", "TEST")]
+    rows: list[tuple[str, ...]] = [("PORT", "PID", "HOST", "WORKER", "AGE", "TEST")]
     for lease in leases:
         since = lease["since"]
         age = f"{now - since:.1f} s" if isinstance(since, (int, float)) else "?"
-        rows.append(
-            (
-                str(lease["port"]),
-                str(lease["pid"] or "?"),
-                str(lease["host"] or "?"),
-                str(lease["worker"] or "-"),
-                age,
-                str(lease["nodeid"] or lease.get("problem") or "-"),
-            )
+        cells = (
+            lease["port"],
+            lease["pid"] or "?",
+            lease["host"] or "?",
+            lease["worker"] or "-",
+            age,
+            lease["nodeid"] or lease.get("problem") or "-",
         )
+        rows.append(tuple(printable(str(cell)) for cell in cells))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print(
@@ -131,6 +147,10 @@ def _status(project: _Project, as_json: bool) -> int:
     count = f"{len(leases)} live lease{'s' * (len(leases) != 1)}"
     print(f"{count} in {lock_dir} (lock dir from {origin})")
     return 0
+
+
+def _warn(text: str) -> None:
+    print(f"pytest-ephemeral: warning: {text}", file=sys.stderr)
 
 
 def _sources(project: _Project, settings: Settings, exclude: str) -> dict[str, dict[str, Any]]:
@@ -152,7 +172,7 @@ def _range(project: _Project, as_json: bool) -> int:
     exclude = exclusions(project.pick("exclude"))
     auto = derive_auto(system, exclude)
     leases = live_leases(Path(settings.lock_dir))
-    leased = [lease["port"] for lease in leases if lease["pid"] or not lease.get("problem")]
+    leased = [lease["port"] for lease in leases]
     sources = _sources(project, settings, format_spans(exclude))
     figures = {
         "range": format_spans(auto.spans),
@@ -299,6 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
+    if sys.stdout is None:  # started with it closed (``>&-``): a listing nobody can read
+        print("pytest-ephemeral: error: standard output is closed", file=sys.stderr)
+        return 1
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a holder's label the encoding cannot show
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         try:
             first: Layer = {}
@@ -309,14 +334,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = command(project, args.json)
         except ConfigError as error:
             parser.exit(2, f"pytest-ephemeral: error: {error}\n")
-        except BrokenPipeError:
-            raise
-        except OSError as error:
+        except EphemeralError as error:  # the lock dir cannot be read
             parser.exit(1, f"pytest-ephemeral: error: {error}\n")
-        sys.stdout.flush()  # here, so that a closed pipe is seen while it can still be handled
-    except BrokenPipeError:
-        # The reader went away (``| head``): not an error. Point stdout at devnull so that the
-        # flush at interpreter exit does not fail again and print a traceback.
+        sys.stdout.flush()  # here, so that a failed write is seen while it can still be handled
+    except OSError as error:  # writing the output failed: every other error is one of ours
+        # Point stdout at devnull, so that the flush at interpreter exit does not fail again and
+        # print a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if not isinstance(error, BrokenPipeError):  # a reader gone away (``| head``) is no error
+            print(f"pytest-ephemeral: error: cannot write the output: {error}", file=sys.stderr)
         return 1
     return code
