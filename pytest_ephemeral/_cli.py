@@ -118,9 +118,13 @@ def _status(project: _Project, as_json: bool) -> int:
     for lease in leases:
         if "unreadable" in (lease.get("problem") or ""):
             _warn(f"port {lease['port']}: {lease['problem']}")
-    for port, what in unusable.items():
-        _warn(f"port {port}: unusable lock file, not a lease (remove it): {what}")
-    if as_json:
+    odd = [
+        f"port {port}: unusable lock file: {what} (not a lease; remove it)"
+        for port, what in unusable.items()
+    ]
+    if as_json:  # the list is of leases: what is no lease is said apart
+        for line in odd:
+            _warn(line)
         print(json.dumps(leases, indent=2))
         return 0
     now = time.time()
@@ -144,6 +148,8 @@ def _status(project: _Project, as_json: bool) -> int:
                 [*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]
             )
         )
+    for line in odd:
+        print(line)
     count = f"{len(leases)} live lease{'s' * (len(leases) != 1)}"
     print(f"{count} in {lock_dir} (lock dir from {origin})")
     return 0
