@@ -92,7 +92,7 @@ def _states_by_netlink(port: int, wanted: int) -> list[int]:
                 offset = 0
                 while offset + _HEADER.size <= len(data):
                     length, kind = _HEADER.unpack_from(data, offset)[:2]
-                    if length < _HEADER.size:
+                    if length < _HEADER.size or offset + length > len(data):
                         raise OSError(errno.EPROTO, "malformed netlink message")
                     if kind == _NLMSG_DONE:
                         done = True
@@ -100,6 +100,8 @@ def _states_by_netlink(port: int, wanted: int) -> list[int]:
                     if kind == _NLMSG_ERROR:
                         code = -struct.unpack_from("=i", data, offset + _HEADER.size)[0]
                         raise OSError(code, "sock_diag refused the request")
+                    if length < _HEADER.size + 6:  # too short for a state and a port
+                        raise OSError(errno.EPROTO, "malformed netlink message")
                     state = data[offset + _HEADER.size + 1]
                     (local,) = struct.unpack_from(">H", data, offset + _HEADER.size + 4)
                     if local == port:  # bound-only sockets are dumped without the port filter

@@ -82,6 +82,8 @@ def prepare(path: str, explicit: bool) -> Prepared:
     The default directory is made private (group and other bits stripped); an explicit one that
     we own keeps its permissions, so it can be shared on purpose.
     """
+    if "\0" in path:  # every system call would refuse it with a ValueError, not an OSError
+        raise LockDirError(path, "is not a path: it holds a NUL character")
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except FileExistsError:

@@ -42,7 +42,7 @@ Targets = tuple[tuple[socket.AddressFamily, str], ...]
 def socket_kinds(protocol: str) -> tuple[socket.SocketKind, ...]:
     try:
         return PROTOCOLS[protocol]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: not even hashable (a list, say)
         raise ConfigError(f"protocol must be 'tcp', 'udp' or 'both', not {protocol!r}") from None
 
 

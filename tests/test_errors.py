@@ -142,3 +142,14 @@ def test_a_process_pool_executor_returns_the_error(held: tuple[int, Path]) -> No
         error = executor.submit(lease_the_held_port, port, str(lock_dir)).exception(timeout=60)
     assert error is not None
     assert_is_the_exhaustion(error, port)
+
+
+def test_unusable_arguments_are_ephemeral_errors(private_range: MakeRange) -> None:
+    private = private_range(1)
+    protocol: Any = []  # not even hashable
+    bad_protocol = lease_port(protocol=protocol, port_range=private.spec, lock_dir=private.lock_dir)
+    with pytest.raises(ConfigError, match=r"protocol must be 'tcp', 'udp' or 'both', not \[\]"):
+        bad_protocol.__enter__()
+    bad_dir = lease_port(port_range=private.spec, lock_dir=f"{private.lock_dir}/a\0b")
+    with pytest.raises(LockDirError, match="holds a NUL character"):
+        bad_dir.__enter__()
