@@ -132,6 +132,7 @@ def test_public_names() -> None:
     assert sorted(pytest_ephemeral.__all__) == sorted(
         [
             "ConfigError",
+            "ConfigTypeError",
             "EphemeralError",
             "EphemeralPortWarning",
             "LockDirError",
