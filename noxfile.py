@@ -1,5 +1,5 @@
 """The matrix CI runs: lint and types, the suite on each CPython 3.10-3.13, on the lowest allowed
-dependency versions, the demo suite, and the built package.
+dependency versions, the demo suite, the built package, and the docs site.
 
 ``nox`` runs every session, ``nox -s tests-3.12`` one (``nox -l`` lists them). A CPython that is
 not installed is reported as skipped, by session name, never as passed; ``.ci/run`` fails when
@@ -15,7 +15,9 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import nox
 
@@ -106,6 +108,66 @@ def package(session: nox.Session) -> None:
     session.log(f"{sdists[0].name} and {wheels[0].name} hold what they should")
 
 
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the docs site offline with warnings as errors, then check its internal links."""
+    session.install("-e", ".[docs]")
+    out = Path("docs", "_build", "html")
+    # -E: read every page again; -n: every cross-reference must resolve. Nothing here downloads:
+    # no intersphinx, and external links are not checked.
+    session.run("sphinx-build", "-W", "--keep-going", "-E", "-n", "-b", "html", "docs", str(out))
+    broken = broken_links(out)
+    if broken:
+        session.error(f"{len(broken)} broken internal links:\n" + "\n".join(broken))
+    session.log(f"every internal link in {out} resolves")
+
+
+class _Links(HTMLParser):
+    """The ids a page defines and the relative links it makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if value is None:
+                continue
+            if name in ("id", "name"):
+                self.ids.add(value)
+            elif name in ("href", "src") and tag in ("a", "link", "img", "script"):
+                self.links.append(value)
+
+
+def broken_links(root: Path) -> list[str]:
+    """Every relative ``href``/``src`` under ``root`` whose file or anchor is missing."""
+    pages: dict[Path, _Links] = {}
+    for page in sorted(root.rglob("*.html")):
+        parser = _Links()
+        parser.feed(page.read_text(encoding="utf-8"))
+        pages[page.resolve()] = parser
+    broken = []
+    for page, parser in pages.items():
+        for link in parser.links:
+            parts = urlsplit(link)
+            if parts.scheme or parts.netloc or link.startswith(("mailto:", "javascript:")):
+                continue  # external: not checked offline
+            target = (page.parent / unquote(parts.path)).resolve() if parts.path else page
+            if target.is_dir():
+                target = target / "index.html"
+            where = f"{page.relative_to(root.resolve())}: {link}"
+            if not target.exists():
+                broken.append(f"{where} (no such file)")
+            elif (
+                parts.fragment
+                and target in pages
+                and unquote(parts.fragment) not in pages[target].ids
+            ):
+                broken.append(f"{where} (no such anchor)")
+    return broken
+
+
 def _sdist_problems(sdist: Path) -> list[str]:
     with tarfile.open(sdist) as archive:
         # Every member sits under "<name>-<version>/".
@@ -113,7 +175,9 @@ def _sdist_problems(sdist: Path) -> list[str]:
     wanted = [
         "LICENSE",
         "README.md",
+        "CONTRIBUTING.md",
         "CHANGELOG.md",
+        "docs/conf.py",
         "pyproject.toml",
         "noxfile.py",
         "pytest_ephemeral/py.typed",
@@ -140,7 +204,8 @@ def _wheel_problems(wheel: Path) -> list[str]:
 
 
 def summarize(report_path: Path) -> int:
-    """Print which Pythons and dependency sets ran the suite; 1 if fewer than two Pythons did.
+    """Print which Pythons and dependency sets ran the suite and how the other sessions ended;
+    1 if fewer than two Pythons ran the suite or another session did not succeed.
 
     ``report_path`` is nox's ``--report`` JSON; the versions come from each session's marker, and
     the README command's run (made by ``.ci/run`` before nox) has a marker of its own.
@@ -169,10 +234,20 @@ def summarize(report_path: Path) -> int:
             reason = f" ({entry['reason']})" if entry["reason"] else ""
             print(f"  {name}: {entry['result']}{reason}")
     print(f"Python versions that ran the suite: {', '.join(sorted(pythons)) or 'none'}")
+    # The other sessions (lint, examples, package, docs) run on nox's own Python: never skipped.
+    others = sorted(name for name in results if not name.startswith(("tests-", "minimums")))
+    print("Other sessions:")
+    for name in others:
+        print(f"  {name}: {results[name]['result']}")
+    status = 0
     if len(pythons) < 2:
         print("FAILED: fewer than two Python versions ran the suite")
-        return 1
-    return 0
+        status = 1
+    failed = [name for name in others if results[name]["result"] != "success"]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+        status = 1
+    return status
 
 
 def _minor() -> str:

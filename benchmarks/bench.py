@@ -1,6 +1,6 @@
 """Benchmark pytest-ephemeral against the "bind port 0, read it, close" recipe.
 
-    python benchmarks/bench.py [--quick] [--json PATH]
+    python benchmarks/bench.py [--quick] [--json PATH] [--markdown PATH]
 
 Sections: 1 lease latency, and the CPU time of a suite of real servers, 2 scale, 3 collisions
 between processes, 4 kernel theft (the same rounds while a background process churns outgoing
@@ -826,6 +826,17 @@ def table(machine: dict[str, Any], r: Results) -> str:
     return "\n".join(lines)
 
 
+def markdown(machine: dict[str, Any], report: str, quick: bool) -> str:
+    """The report as a Markdown fragment for the docs, saying when, where and how it was made."""
+    how = "python benchmarks/bench.py" + (" --quick" if quick else "")
+    kind = "a quick run (fewer rounds: a smoke test, noisier)" if quick else "a full run"
+    return (
+        f"Printed by `{how}`, {kind}, on {machine['date']}: {machine['os']},"
+        f" {machine['cores']} cores, {machine['python']}; wall time {machine['wall_s']} s.\n"
+        f"\n```text\n{report}\n```\n"
+    )
+
+
 def raise_fd_limit(needed: int) -> None:
     if sys.platform != "win32":
         import resource
@@ -840,6 +851,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke test")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="PATH",
+        help="also write the table as Markdown here (docs/performance-table.md for the docs)",
+    )
     options = parser.parse_args(argv)
     quick = options.quick
     raise_fd_limit(SCALE_SIZE + 256)
@@ -870,8 +887,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results[name] = step()
     machine["wall_s"] = round(time.monotonic() - started, 1)
-    print(table(machine, results))
+    report = table(machine, results)
+    print(report)
     print(f"Wall time {machine['wall_s']} s.")
+    if options.markdown:
+        options.markdown.write_text(markdown(machine, report, quick))
     if options.json:
         options.json.write_text(json.dumps({"machine": machine, **results}, indent=2) + "\n")
     return 0
