@@ -87,3 +87,16 @@ def test_every_document_is_read() -> None:
     """The docs have Python examples to run (a broken glob would make the test above vacuous)."""
     read = {where.partition(":")[0] for where in EXAMPLES}
     assert {"README.md", "docs/reference/fixtures.md", "docs/howto/scripts.md"} <= read
+
+
+def test_the_readme_has_the_settings_table() -> None:
+    """README.md's configuration table (which the settings page includes) is the one the code
+    renders from its settings table, so neither can drift from the other."""
+    from pytest_ephemeral import _settings
+
+    render = getattr(_settings, "markdown_table", None)
+    if render is None:  # comes with the settings table of 0.3
+        pytest.skip("pytest_ephemeral._settings has no markdown_table() yet")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- settings-table -->\n", 1)[1].split("\n\n", 1)[0]
+    assert table.strip() == render().strip()
