@@ -100,3 +100,12 @@ def test_the_readme_has_the_settings_table() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = readme.split("<!-- settings-table -->\n", 1)[1].split("\n\n", 1)[0]
     assert table.strip() == render().strip()
+
+
+def test_every_public_name_is_in_the_api_reference() -> None:
+    """Each name of ``pytest_ephemeral.__all__`` has an autodoc entry in docs/reference/."""
+    import pytest_ephemeral
+
+    pages = "".join(path.read_text(encoding="utf-8") for path in (ROOT / "docs").rglob("*.md"))
+    documented = set(re.findall(r"^\.\. auto\w+:: pytest_ephemeral\.(\w+)", pages, re.MULTILINE))
+    assert set(pytest_ephemeral.__all__) <= documented
