@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pytest_ephemeral import PortsExhausted, lease_port
-from pytest_ephemeral._allocator import allocator_for
+from pytest_ephemeral._allocator import allocator_for, request_for
 from pytest_ephemeral._leakcheck import still_in_use
 from pytest_ephemeral._lockdir import default_lock_dir
 from pytest_ephemeral._probe import bind_targets
@@ -66,10 +66,11 @@ class Leases:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.allocator = allocator_for(settings.lock_dir, settings.lock_dir_given)
+        self.request = request_for(settings)
         self.held: set[int] = set()
 
     def lease(self) -> int:
-        port = self.allocator.lease(self.settings)
+        port = self.allocator.lease(self.request)[0]
         self.held.add(port)
         return port
 

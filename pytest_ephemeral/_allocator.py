@@ -1,15 +1,16 @@
-"""The allocator: one per lock dir per process; searches a range for ports it can lock and bind.
+"""The allocator: one per lock dir per process; leases ports it can lock and bind.
 
 Lock first, then check: a candidate's lock is taken without blocking, then the port is bind-checked;
-a busy port's lock is released at once. Each process walks a range from a random starting point and
-moves on from its last lease, so concurrent processes rarely try the same candidate and a port this
-process just released is the last one it comes back to (giving its TIME_WAIT time to pass).
+a busy port's lock is released at once. Which candidates are tried, in what order, is the search
+order's (``_search``); preparing and watching the lock dir is ``_lockdir``'s.
 
-What a lease is for (range, protocol, host, timeout, holder) comes with each request, as a resolved
-``Settings`` and arguments; what belongs to the lock dir (the held ports, whichever code leased
-them, and the prepared directory) lives here, once per process. The directory is prepared on the
-first lease; if it vanishes or is replaced mid-run, the next lease (or the release of one of several
-held ports) recreates it and locks this process's held ports again before leasing anything new.
+What a lease is for (range, protocol, host, timeout, holder) comes with each call as one
+``Request``; what belongs to the lock dir (the held ports, whichever code leased them, and the
+prepared directory) lives here, once per process. If the directory vanishes or is replaced
+mid-run, the next lease (or the release of one of several held ports) recreates it and locks this
+process's held ports again before leasing anything new. At the end of every lease its lock file is
+checked to be still the one at its path: if not, another process may have been given the port,
+and a ``RuntimeWarning`` says so.
 """
 
 from __future__ import annotations
@@ -22,22 +23,64 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from ._errors import ConfigError, EphemeralError, LockDirError, PortsExhausted
+from ._errors import ConfigError, EphemeralError, LockDirError, PortNotLeased, PortsExhausted
 from ._holder import Holder, this_process
-from ._lockdir import Prepared, identity, prepare
-from ._lockfile import Unusable, read_live_record, try_lock, unlock, write_record
+from ._lockdir import LockDir
+from ._lockfile import (
+    Locked,
+    Unusable,
+    name_of,
+    read_live_record,
+    still_in_place,
+    try_lock,
+    unlock,
+    write_record,
+)
 from ._probe import BUSY, FORBIDDEN, FREE, Targets, bind_targets, probe, socket_kinds
 from ._ranges import PortRange
+from ._search import RandomSource, Walk
 from ._settings import Settings
 
 _MAX_HOLDERS_SHOWN = 10
 _POLL_FIRST, _POLL_MAX = 0.005, 0.1
-#: A walk whose first candidates are bound starts again at random, this often at most: see _walk.
-_JUMPS, _JUMP_WITHIN = 4, 4
 _NO_SPACE = {errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NO_DESCRIPTORS = {errno.EMFILE, errno.ENFILE}
+_RANDOM = random.SystemRandom()  # not random's: pytest-randomly reseeds that alike in every worker
+
+
+class Request(NamedTuple):
+    """What a lease is for: the range, the protocols and addresses to bind-check, how long to
+    wait, whether SO_REUSEADDR servers will bind it, who holds it and a label (a test's nodeid)."""
+
+    ports: PortRange
+    kinds: tuple[socket.SocketKind, ...]
+    targets: Targets
+    timeout: float
+    reuse_addr: bool
+    holder: Holder
+    label: str | None = None
+
+
+def request_for(
+    settings: Settings,
+    protocol: str = "tcp",
+    holder: Holder | None = None,
+    label: str | None = None,
+) -> Request:
+    """The request for leasing from resolved ``settings``, bind-checked for ``protocol``."""
+    return Request(
+        settings.ports,
+        socket_kinds(protocol),
+        bind_targets(settings.host),
+        settings.timeout,
+        settings.reuse_addr,
+        holder or default_holder(),
+        label,
+    )
 
 
 @dataclass
@@ -65,6 +108,8 @@ class Lease:
     nodeid: str | None
     holder: Holder
     thread: int  # the thread that leased it: only it makes waiting for the port pointless
+    file: tuple[int, int]  # the identity of its lock file (st_dev, st_ino), to find it replaced
+    lost: bool = False  # another process locked it while the lock dir was gone (warned)
 
 
 @dataclass
@@ -80,6 +125,10 @@ class _Pass:
     unusable: dict[int, str] = field(default_factory=dict)
     unrecorded: list[str] = field(default_factory=list)  # holder records that could not be written
     bound_tries: int = 0  # tries that found their port bound (this request, every walk)
+    tries: int = 0  # candidates tried (this request, every walk)
+
+    def worth_waiting(self) -> bool:
+        return bool(self.locked or self.bound or self.other_threads)
 
 
 _UNCOUNTED = Stats()  # the figures of callers that keep none (lease_port): never read
@@ -89,61 +138,21 @@ class _DirGone(Exception):
     """The lock dir vanished under a walk: recover, then walk again."""
 
 
-_allocators: dict[str, PortAllocator] = {}  # by the lock dir's one resolved spelling
-_by_spelling: dict[str, PortAllocator] = {}  # by each spelling asked for (a cache of the above)
-_registry_mutex = threading.Lock()
-_default_holder: Holder | None = None
-_RANDOM = random.SystemRandom()  # not random's: pytest-randomly reseeds that alike in every worker
-
-
-def allocator_for(lock_dir: str, given: bool = True) -> PortAllocator:
-    """This process's allocator for ``lock_dir`` (one lock dir spelled two ways is one)."""
-    allocator = _by_spelling.get(lock_dir)  # the common case, without resolving the path again
-    if allocator is not None:
-        return allocator
-    parent, name = os.path.split(os.path.abspath(lock_dir))
-    key = os.path.join(os.path.realpath(parent), name)
-    with _registry_mutex:
-        allocator = _allocators.get(key)
-        if allocator is None:
-            allocator = _allocators[key] = PortAllocator(key, given)
-        _by_spelling[lock_dir] = allocator
-        return allocator
-
-
-def default_holder() -> Holder:
-    """The holder of leases made outside pytest: this process (made again after a fork)."""
-    global _default_holder
-    if _default_holder is None or _default_holder.pid != os.getpid():
-        _default_holder = this_process()
-    return _default_holder
-
-
-def _after_fork_in_child() -> None:
-    global _registry_mutex
-    _registry_mutex = threading.Lock()  # a thread of the parent may have held one at the fork
-    for allocator in _allocators.values():
-        allocator._mutex = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class PortAllocator:
     """Leases ports whose lock files live in one lock dir; thread-safe. Use ``allocator_for``.
 
-    Every lease holds an open, locked descriptor until ``release``.
+    Every lease holds an open, locked descriptor until ``release``. ``random`` chooses where
+    walks start (tests give a seeded one).
     """
 
-    def __init__(self, lock_dir: str, given: bool) -> None:
+    def __init__(self, lock_dir: str, given: bool, random: RandomSource = _RANDOM) -> None:
         self.lock_dir = lock_dir
-        self._given = given
-        self._dir: Prepared | None = None
-        self._failure: LockDirError | None = None
+        self._dir = LockDir(lock_dir, given)
+        self._prefix = os.path.join(lock_dir, "")  # of lock file paths
+        self._random = random
         self._held: dict[int, Lease] = {}
         self._cursors: dict[tuple[tuple[int, int], ...], int] = {}
-        self._lost: list[int] = []  # ports re-locked by others while the dir was gone: to warn
+        self._lost: list[int] = []  # held ports others may have been given too: to warn
         self._mutex = threading.Lock()
 
     @property
@@ -152,154 +161,243 @@ class PortAllocator:
         with self._mutex:
             return frozenset(self._held)
 
-    def lease(
-        self,
-        settings: Settings,
-        protocol: str = "tcp",
-        nodeid: str | None = None,
-        holder: Holder | None = None,
-        stats: Stats | None = None,
-    ) -> int:
-        """Lease one port of ``settings.ports``, bind-checked for ``protocol``."""
-        return self.lease_block(1, settings, protocol, nodeid, holder, stats)[0]
-
-    def lease_block(
-        self,
-        n: int,
-        settings: Settings,
-        protocol: str = "tcp",
-        nodeid: str | None = None,
-        holder: Holder | None = None,
-        stats: Stats | None = None,
-    ) -> list[int]:
-        """Lease ``n`` consecutive ports; poll up to ``settings.timeout`` while others hold them."""
-        kinds = socket_kinds(protocol)
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"the number of ports must be an int, not {type(n).__name__}")
-        if n < 1:
-            raise ConfigError(f"a block needs at least one port, not {n}")
-        ports = settings.ports
-        longest = ports.longest_run()
-        if n > longest:
-            raise ConfigError(
-                f"cannot lease {n} consecutive ports: the longest run in {ports} is {longest}"
-            )
-        targets = bind_targets(settings.host)
-        holder = holder or default_holder()
+    def lease(self, request: Request, n: int = 1, stats: Stats | None = None) -> list[int]:
+        """Lease ``n`` consecutive ports; poll up to ``request.timeout`` while others hold them."""
+        _check_block(n, request.ports)
         stats = stats if stats is not None else _UNCOUNTED
         seen = _Pass()
         deadline: float | None = None
         pause = _POLL_FIRST
         while True:
-            with self._mutex:
-                self._ensure_dir()
-                try:
-                    leased = self._walk(
-                        n, ports, kinds, targets, nodeid, holder, seen, settings.reuse_addr
-                    )
-                except _DirGone:
-                    self._recover()
-                    continue
-                if leased is not None:
-                    stats.leased += n
-                    stats.peak = max(stats.peak, len(self._held))
+            leased = self._attempt(request, n, seen, None, stats)
             if leased is not None:
                 stats.skipped_locked += len(seen.locked)
                 stats.skipped_bound += len(seen.bound)
                 self._warn_after(leased, seen)
                 return leased
-            if not seen.locked and not seen.bound and not seen.other_threads:
-                raise self._exhausted(n, ports, seen, waited=None)  # waiting cannot help
+            if not seen.worth_waiting():
+                raise self._exhausted(n, request.ports, seen, waited=None)
             now = time.monotonic()
-            if deadline is None:
-                deadline = now + settings.timeout
+            deadline = now + request.timeout if deadline is None else deadline
             if now >= deadline:
                 stats.skipped_locked += len(seen.locked)
                 stats.skipped_bound += len(seen.bound)
-                raise self._exhausted(n, ports, seen, waited=settings.timeout)
+                raise self._exhausted(n, request.ports, seen, waited=request.timeout)
             nap = min(pause, deadline - now)
             time.sleep(nap)
             stats.waited += nap
             pause = min(pause * 2, _POLL_MAX)
             seen.other_threads = 0  # counted afresh by the next walk
 
+    def try_lease(self, request: Request, max_tries: int, stats: Stats | None = None) -> int | None:
+        """Lease one port at once, trying at most ``max_tries`` candidates; None if none could be.
+
+        Never waits for other holders and builds no ``PortsExhausted``; a lock dir that cannot be
+        used, or running out of descriptors, raises as ``lease`` does. The next call goes on
+        where this one stopped, so calls in a row see the whole range.
+        """
+        seen = _Pass()
+        leased = self._attempt(request, 1, seen, max_tries, stats or _UNCOUNTED)
+        if leased is None:
+            return None
+        if self._lost or seen.unrecorded:
+            self._warn_after(leased, seen)
+        return leased[0]
+
     def release(self, port: int) -> None:
-        """End the lease of ``port``; ``ValueError`` if this process does not hold it here."""
+        """End the lease of ``port``; ``PortNotLeased`` if this process does not hold it here.
+
+        Warns (``RuntimeWarning``) if its lock file is no longer the one at its path: another
+        process may have been given the port meanwhile.
+        """
         with self._mutex:
             lease = self._held.get(port)
             if lease is None:
-                raise ValueError(f"port {port} is not leased in {self.lock_dir}")
-            # If the dir vanished, the other ports held here need new locks; when this port is
-            # the only one, there is nothing to lock again, and the next lease checks the dir.
+                raise PortNotLeased(f"port {port} is not leased in {self.lock_dir}")
             try:
-                if len(self._held) > 1 and self._dir is not None and not self._dir_unchanged():
+                # If the dir vanished, the other ports held here need new locks.
+                if len(self._held) > 1 and self._dir.prepared and not self._dir.unchanged():
                     self._recover()
+                if not lease.lost and not self._in_place(lease):
+                    self._lost.append(port)
             finally:  # a recovery that fails (a symlink planted meanwhile) keeps no lock here
                 del self._held[port]
                 unlock(lease.fd, lease.pid)
         self._warn_lost()
 
     def lease_of(self, port: int) -> Lease:
-        """The lease of ``port``; ``ValueError`` if this process does not hold it here."""
+        """The lease of ``port``; ``PortNotLeased`` if this process does not hold it here."""
         with self._mutex:
             lease = self._held.get(port)
         if lease is None:
-            raise ValueError(f"port {port} is not leased in {self.lock_dir}")
+            raise PortNotLeased(f"port {port} is not leased in {self.lock_dir}")
         return lease
 
-    # --- the lock dir ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the lock dir's descriptor (for an allocator made outside ``allocator_for``)."""
+        with self._mutex:
+            if self._held:
+                raise EphemeralError(f"{len(self._held)} ports are still leased in {self.lock_dir}")
+            self._dir.close()
 
-    def _ensure_dir(self) -> None:
-        """Prepare the lock dir on first use; notice if it vanished or was replaced since."""
-        if self._failure is not None:
-            raise self._failure
-        if self._dir is None:
-            self._prepare()
-        elif not self._dir_unchanged():
-            self._recover()
+    # --- one attempt, under the mutex -------------------------------------------------------
 
-    def _dir_unchanged(self) -> bool:
-        """Whether the lock dir prepared is still the one at its path (not gone, not replaced)."""
-        assert self._dir is not None
-        return identity(self.lock_dir) == self._dir[1:]
+    def _attempt(
+        self, request: Request, n: int, seen: _Pass, max_tries: int | None, stats: Stats
+    ) -> list[int] | None:
+        with self._mutex:
+            while True:
+                if not self._dir.ensure():
+                    self._recover()
+                try:
+                    leased = self._walk(request, n, seen, max_tries)
+                except _DirGone:
+                    self._recover()
+                    continue
+                if leased is not None:
+                    stats.leased += n
+                    stats.peak = max(stats.peak, len(self._held))
+                return leased
 
-    def _prepare(self) -> Prepared:
+    def _walk(
+        self, request: Request, n: int, seen: _Pass, max_tries: int | None
+    ) -> list[int] | None:
+        """One pass over the range in the search order; lease and return ``n`` consecutive ports
+        (or give up after ``max_tries`` candidates)."""
+        numbers, spans = request.ports.ports, request.ports.spans
+        fits = None if n == 1 else (lambda i: numbers[i + n - 1] - numbers[i] == n - 1)
+        walk = Walk(len(numbers), self._cursors.get(spans), self._random, n, fits)
+        thread = threading.get_ident()
+        stop = None if max_tries is None else seen.tries + max_tries
+        for first in walk:
+            bound_before = seen.bound_tries
+            taken = self._try_block(numbers[first : first + n], request, seen, thread)
+            if len(taken) == n:
+                self._held.update((lease.port, lease) for lease in taken)
+                walk.leased(first)
+                self._cursors[spans] = walk.cursor
+                return [lease.port for lease in taken]
+            walk.stopped(len(taken), bound=seen.bound_tries != bound_before)
+            if stop is not None and seen.tries >= stop:
+                walk.give_up()
+                break
+        self._cursors[spans] = walk.cursor
+        return None
+
+    def _try_block(
+        self, ports: Sequence[int], request: Request, seen: _Pass, thread: int
+    ) -> list[Lease]:
+        """Lease ``ports`` in turn, up to the first that cannot be; on a short block, give back
+        what was taken (the caller sees fewer leases than ports)."""
+        taken: list[Lease] = []
         try:
-            self._dir = prepare(self.lock_dir, self._given)
-        except LockDirError as error:
-            self._failure = error  # every later lease fails at once, with the same reason
+            for port in ports:
+                seen.tries += 1
+                lease = self._try(port, request, seen, thread)
+                if lease is None:
+                    break
+                taken.append(lease)
+        finally:  # out of descriptors, say, or a short block: give back the block's locks so far
+            if len(taken) < len(ports):
+                for lease in taken:
+                    unlock(lease.fd, lease.pid)
+        return taken
+
+    def _try(self, port: int, request: Request, seen: _Pass, thread: int) -> Lease | None:
+        mine = self._held.get(port)
+        if mine is not None:
+            seen.other_threads += mine.thread != thread
+            return None
+        locked = self._lock(port, seen)
+        if locked is None:
+            return None
+        fd, pid = locked.fd, os.getpid()
+        try:
+            verdict = probe(port, request.kinds, request.targets)
+            if verdict == BUSY and request.reuse_addr:
+                verdict = FREE if _reusable(port, request.kinds, request.targets) else BUSY
+            if verdict == FREE:
+                return self._lease(locked, port, request, seen, thread)
+        except OSError as error:  # a socket could not even be created: give the lock back first
+            unlock(fd, pid)
+            raise self._os_error(error) from error
+        except BaseException:
+            unlock(fd, pid)
             raise
-        return self._dir
+        unlock(fd, pid)
+        if verdict == FORBIDDEN:
+            seen.forbidden.add(port)
+            seen.forbidden_reason = seen.forbidden_reason or _forbidden_reason(port)
+        else:
+            seen.bound.add(port)
+            seen.bound_tries += 1
+        return None
+
+    def _lock(self, port: int, seen: _Pass) -> Locked | None:
+        """``port``'s lock file, locked; None if another holder has it."""
+        try:
+            locked = try_lock(self.lock_dir, self._dir.fd, port)
+        except Unusable as unusable:
+            seen.unusable[port] = str(unusable)
+            return None
+        except FileNotFoundError:
+            raise _DirGone from None
+        except OSError as error:
+            raise self._os_error(error) from error
+        if locked is None:
+            seen.locked.add(port)
+        return locked
+
+    def _lease(
+        self, locked: Locked, port: int, request: Request, seen: _Pass, thread: int
+    ) -> Lease:
+        fd, pid = locked.fd, os.getpid()
+        try:
+            write_record(fd, request.holder, port, request.label, time.time(), pid)
+        except OSError as error:
+            seen.unrecorded.append(f"could not record the holder of port {port}: {error}")
+            _void_record(fd)
+        kinds, label, holder = request.kinds, request.label, request.holder
+        return Lease(port, fd, pid, kinds, label, holder, thread, locked.file)
+
+    # --- the lock dir gone or replaced ------------------------------------------------------
 
     def _recover(self) -> None:
         """Recreate the lock dir and lock every port held here again, on fresh lock files."""
-        if self._dir is not None and self._dir.fd >= 0:
-            os.close(self._dir.fd)
-        self._dir = None
-        dir_fd = self._prepare().fd
+        self._dir.reprepare()
         pid = os.getpid()
         for lease in self._held.values():
-            if lease.pid != pid:
-                continue  # inherited over a fork: the parent's to lock again, not this child's
-            try:
-                fd = try_lock(self.lock_dir, dir_fd, lease.port)
-            except (Unusable, OSError):
-                fd = None
-            if fd is None:
+            # Inherited over a fork: the parent's to lock again, not this child's.
+            if lease.pid == pid and not lease.lost and not self._relock(lease):
+                lease.lost = True
                 self._lost.append(lease.port)
-                continue
-            unlock(lease.fd, lease.pid)
-            lease.fd, lease.pid = fd, pid
-            with contextlib.suppress(OSError):  # the record is a detail; the lock is the lease
-                write_record(fd, lease.holder, lease.port, lease.nodeid, time.time(), pid)
+
+    def _relock(self, lease: Lease) -> bool:
+        try:
+            locked = try_lock(self.lock_dir, self._dir.fd, lease.port)
+        except (Unusable, OSError):
+            locked = None
+        if locked is None:
+            return False
+        unlock(lease.fd, lease.pid)
+        lease.fd, lease.pid, lease.file = locked.fd, os.getpid(), locked.file
+        with contextlib.suppress(OSError):  # the record is a detail; the lock is the lease
+            write_record(lease.fd, lease.holder, lease.port, lease.nodeid, time.time(), lease.pid)
+        return True
+
+    def _in_place(self, lease: Lease) -> bool:
+        """Whether the lease's lock file is still the one at its path (a forked child's
+        inherited lease is its parent's to check)."""
+        path = self._prefix + name_of(lease.port)
+        return lease.pid != os.getpid() or still_in_place(path, lease.file)
 
     def _warn_lost(self) -> None:
         if self._lost:
             lost, self._lost = self._lost, []
             warnings.warn(
-                f"the lock dir {self.lock_dir} vanished while this process held ports; another"
-                f" process locked port(s) {', '.join(map(str, sorted(lost)))} before they could be"
-                " locked again: they may be shared now",
+                f"the lock dir {self.lock_dir} or lock files in it vanished or were replaced while"
+                f" this process held port(s) {', '.join(map(str, sorted(lost)))}; another process"
+                " may have leased them meanwhile: they may be shared now",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -315,120 +413,7 @@ class PortAllocator:
                 self.release(port)
             raise
 
-    # --- search ---------------------------------------------------------------------------
-
-    def _walk(
-        self,
-        n: int,
-        ports: PortRange,
-        kinds: tuple[socket.SocketKind, ...],
-        targets: Targets,
-        nodeid: str | None,
-        holder: Holder,
-        seen: _Pass,
-        reuse: bool,
-    ) -> list[int] | None:
-        """One pass over the range from the cursor; lease and return ``n`` consecutive ports.
-
-        Each process leases its way up the range from a random start, so an earlier run leaves a
-        stretch of ports in TIME_WAIT behind it (for 60 s, where its servers closed first). A walk
-        that lands in such a stretch would try every port of it in turn: one that finds a bound
-        port among its first few candidates starts again at random instead, a few times, before
-        it walks on port by port (so the pass still sees every port before giving up).
-        """
-        numbers, size = ports.ports, len(ports)
-        cursor = self._cursors.get(ports.spans)
-        if cursor is None:
-            cursor = _RANDOM.randrange(size)
-        thread = threading.get_ident()
-        step = jumps = 0
-        while step < size:
-            first = (cursor + step) % size
-            step += 1
-            if first + n > size or numbers[first + n - 1] - numbers[first] != n - 1:
-                continue  # not n consecutive candidates from here
-            taken: list[Lease] = []
-            bound_tries = seen.bound_tries
-            try:
-                for index in range(first, first + n):
-                    lease = self._try(
-                        numbers[index], kinds, targets, nodeid, holder, seen, thread, reuse
-                    )
-                    if lease is None:
-                        break
-                    taken.append(lease)
-            except BaseException:  # out of descriptors, say: give back the block's locks so far
-                for lease in taken:
-                    unlock(lease.fd, lease.pid)
-                raise
-            if len(taken) == n:
-                for lease in taken:
-                    self._held[lease.port] = lease
-                self._cursors[ports.spans] = (first + n) % size
-                return [lease.port for lease in taken]
-            for lease in taken:
-                unlock(lease.fd, lease.pid)
-            if seen.bound_tries != bound_tries and step <= _JUMP_WITHIN and jumps < _JUMPS:
-                cursor, step, jumps = _RANDOM.randrange(size), 0, jumps + 1
-                continue
-            step += len(taken)  # every start up to the busy port would meet it again
-        self._cursors[ports.spans] = cursor
-        return None
-
-    def _try(
-        self,
-        port: int,
-        kinds: tuple[socket.SocketKind, ...],
-        targets: Targets,
-        nodeid: str | None,
-        holder: Holder,
-        seen: _Pass,
-        thread: int,
-        reuse: bool,
-    ) -> Lease | None:
-        mine = self._held.get(port)
-        if mine is not None:
-            seen.other_threads += mine.thread != thread
-            return None
-        assert self._dir is not None
-        try:
-            fd = try_lock(self.lock_dir, self._dir.fd, port)
-        except Unusable as unusable:
-            seen.unusable[port] = str(unusable)
-            return None
-        except FileNotFoundError:
-            raise _DirGone from None
-        except OSError as error:
-            raise self._os_error(error) from error
-        if fd is None:
-            seen.locked.add(port)
-            return None
-        pid = os.getpid()
-        try:
-            verdict = probe(port, kinds, targets)
-            if verdict == BUSY and reuse and _reusable(port, kinds, targets):
-                verdict = FREE
-            if verdict == FREE:
-                try:
-                    write_record(fd, holder, port, nodeid, time.time(), pid)
-                except OSError as error:
-                    seen.unrecorded.append(f"could not record the holder of port {port}: {error}")
-                    _void_record(fd)
-                return Lease(port, fd, pid, kinds, nodeid, holder, thread)
-        except OSError as error:  # a socket could not even be created: give the lock back first
-            unlock(fd, pid)
-            raise self._os_error(error) from error
-        except BaseException:
-            unlock(fd, pid)
-            raise
-        unlock(fd, pid)
-        if verdict == FORBIDDEN:
-            seen.forbidden.add(port)
-            seen.forbidden_reason = seen.forbidden_reason or _forbidden_reason(port)
-        else:
-            seen.bound.add(port)
-            seen.bound_tries += 1
-        return None
+    # --- errors -----------------------------------------------------------------------------
 
     def _os_error(self, error: OSError) -> EphemeralError:
         """A clear error for running out of something while leasing."""
@@ -454,7 +439,7 @@ class PortAllocator:
         self, n: int, ports: PortRange, seen: _Pass, waited: float | None
     ) -> PortsExhausted:
         with self._mutex:
-            dir_fd = self._dir.fd if self._dir is not None else -1
+            dir_fd = self._dir.fd
             held_here = len(self._held.keys() & set(ports.ports))
         holders = []
         for port in sorted(seen.locked):
@@ -481,6 +466,18 @@ class PortAllocator:
         )
 
 
+def _check_block(n: int, ports: PortRange) -> None:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"the number of ports must be an int, not {type(n).__name__}")
+    if n < 1:
+        raise ConfigError(f"a block needs at least one port, not {n}")
+    longest = ports.longest_run()
+    if n > longest:
+        raise ConfigError(
+            f"cannot lease {n} consecutive ports: the longest run in {ports} is {longest}"
+        )
+
+
 def _void_record(fd: int) -> None:
     """Empty the first line, so an older holder's record is not shown for this lease."""
     try:
@@ -504,3 +501,59 @@ def _forbidden_reason(port: int) -> str:
     if port < 1024:
         return "ports below 1024 need root"
     return "permission denied by the OS"
+
+
+# --- the registry: one allocator per lock dir per process ------------------------------------
+# Kept here rather than in a module of its own: it is the allocators' constructor and their
+# fork handling (it resets their mutexes), and every caller imports ``allocator_for`` from here.
+
+_allocators: dict[str, PortAllocator] = {}  # by the lock dir's one resolved spelling
+_by_spelling: dict[str, PortAllocator] = {}  # by each spelling asked for (a cache of the above)
+_every: tuple[PortAllocator, ...] = ()  # the values of _allocators, replaced whole: for held_here
+_registry_mutex = threading.Lock()
+_default_holder: Holder | None = None
+
+
+def allocator_for(lock_dir: str, given: bool = True) -> PortAllocator:
+    """This process's allocator for ``lock_dir`` (one lock dir spelled two ways is one)."""
+    global _every
+    allocator = _by_spelling.get(lock_dir)  # the common case, without resolving the path again
+    if allocator is not None:
+        return allocator
+    parent, name = os.path.split(os.path.abspath(lock_dir))
+    key = os.path.join(os.path.realpath(parent), name)
+    with _registry_mutex:
+        allocator = _allocators.get(key)
+        if allocator is None:
+            allocator = _allocators[key] = PortAllocator(key, given)
+            _every = (*_every, allocator)
+        _by_spelling[lock_dir] = allocator
+        return allocator
+
+
+def held_here(port: int) -> bool:
+    """Whether this process holds a lease of ``port`` in any lock dir (through ``allocator_for``).
+
+    Reads each allocator's held ports without its mutex: a dict lookup is atomic, and a lease
+    taken or ended by another thread at this moment may be seen either way.
+    """
+    return any(port in allocator._held for allocator in _every)
+
+
+def default_holder() -> Holder:
+    """The holder of leases made outside pytest: this process (made again after a fork)."""
+    global _default_holder
+    if _default_holder is None or _default_holder.pid != os.getpid():
+        _default_holder = this_process()
+    return _default_holder
+
+
+def _after_fork_in_child() -> None:
+    global _registry_mutex
+    _registry_mutex = threading.Lock()  # a thread of the parent may have held one at the fork
+    for allocator in _every:
+        allocator._mutex = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

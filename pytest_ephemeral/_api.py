@@ -82,7 +82,10 @@ class _Leased:
     def __enter__(self) -> list[int]:
         with _ADVICE:
             settings, self._allocator = _resolve(self._arguments)
-            self._ports = self._allocator.lease_block(self._n, settings, self._protocol)
+            from ._allocator import request_for  # imported by _resolve already
+
+            request = request_for(settings, self._protocol)
+            self._ports = self._allocator.lease(request, self._n)
         return self._ports
 
     def __exit__(

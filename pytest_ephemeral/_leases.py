@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, final
 
 import pytest
 
-from ._errors import Advice, ConfigError, PortNotLeased, PortsExhausted
+from ._errors import Advice, ConfigError, PortNotLeased
 from ._holder import Holder
 from ._probe import Protocol, Targets, bind_targets
 from ._settings import Settings
 from ._warnings import EphemeralPortWarning
 
 if TYPE_CHECKING:
-    from ._allocator import PortAllocator, Stats
+    from ._allocator import PortAllocator, Request, Stats
     from ._ranges import PortRange
 
 SocketProtocol = Literal["tcp", "udp"]
@@ -121,6 +121,7 @@ class SessionLeases:
         self._stats: Stats | None = None
         self._allocator: PortAllocator | None = None
         self._still_in_use: _LeakCheck | None = None  # loaded with the allocator
+        self._request_for: Callable[..., Request] | None = None  # the same
         self._mutex = threading.Lock()
 
     # --- what runs now (the plugin's hooks say) ---------------------------------------------
@@ -159,9 +160,10 @@ class SessionLeases:
         if self._allocator is None:
             with self._mutex:
                 if self._allocator is None:
-                    from ._allocator import Stats, allocator_for  # imports filelock: first lease
+                    from ._allocator import Stats, allocator_for, request_for  # filelock: 1st lease
                     from ._leakcheck import still_in_use
 
+                    self._request_for = request_for
                     self._still_in_use = still_in_use
                     self._stats = Stats()
                     self._allocator = allocator_for(
@@ -176,8 +178,10 @@ class SessionLeases:
         to the timeout; whoever calls this ends the leases."""
         allocator = self.allocator
         settings = self.settings if ports is None else self.settings._replace(ports=ports)
+        assert self._request_for is not None  # set with the allocator
         with ADVICE:
-            taken = allocator.lease_block(n, settings, protocol, label, self.holder, self._stats)
+            request = self._request_for(settings, protocol, self.holder, label)
+            taken = allocator.lease(request, n, self._stats)
         self._ended.difference_update(taken)
         return taken
 
@@ -217,10 +221,11 @@ class SessionLeases:
         """Lease one port now, for ``scope`` (default: whoever asks now), or None: it never
         waits and tries at most ``max_tries`` candidates. It ends as a ``lease()`` does."""
         scope = scope or self.current_scope()
-        settings = self.settings._replace(timeout=0.0)
-        try:  # TODO(allocator): a bounded attempt that builds no PortsExhausted
-            port = self.allocator.lease(settings, protocol, scope.nodeid, self.holder, self._stats)
-        except PortsExhausted:
+        allocator = self.allocator
+        assert self._request_for is not None  # set with the allocator
+        request = self._request_for(self.settings, protocol, self.holder, scope.nodeid)
+        port = allocator.try_lease(request, max_tries, self._stats)
+        if port is None:
             return None
         self._ended.discard(port)
         self._hold_for(port, scope, on_leak)

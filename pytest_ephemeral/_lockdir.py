@@ -177,3 +177,57 @@ def explain(error: OSError) -> str:
     if error.errno in (errno.EACCES, errno.EPERM):
         return f"{text} (no permission)"
     return text
+
+
+class LockDir:
+    """One lock dir as this process uses it: prepared on first use, then watched.
+
+    If it vanishes or is replaced mid-run, ``reprepare`` makes it again (the caller then locks
+    its held ports again). A failure to prepare it is kept: every later use fails at once with
+    the same reason. Not thread-safe: the allocator's mutex guards it.
+    """
+
+    def __init__(self, path: str, explicit: bool) -> None:
+        self.path = path
+        self._explicit = explicit
+        self._prepared: Prepared | None = None
+        self._failure: LockDirError | None = None
+
+    @property
+    def fd(self) -> int:
+        """A descriptor of the prepared directory (-1 where the OS has none, or before use)."""
+        return -1 if self._prepared is None else self._prepared.fd
+
+    @property
+    def prepared(self) -> bool:
+        return self._prepared is not None
+
+    def ensure(self) -> bool:
+        """Prepare the directory on first use; False if it vanished or was replaced since."""
+        if self._failure is not None:
+            raise self._failure
+        if self._prepared is None:
+            self._prepare()
+            return True
+        return self.unchanged()
+
+    def unchanged(self) -> bool:
+        """Whether the directory prepared is still the one at its path (not gone, not replaced)."""
+        return self._prepared is not None and identity(self.path) == self._prepared[1:]
+
+    def reprepare(self) -> None:
+        """Prepare the directory again, at its path, after it vanished or was replaced."""
+        self.close()
+        self._prepare()
+
+    def close(self) -> None:
+        if self._prepared is not None and self._prepared.fd >= 0:
+            os.close(self._prepared.fd)
+        self._prepared = None
+
+    def _prepare(self) -> None:
+        try:
+            self._prepared = prepare(self.path, self._explicit)
+        except LockDirError as error:
+            self._failure = error
+            raise

@@ -20,7 +20,7 @@ import errno
 import json
 import os
 import stat
-from typing import Any
+from typing import Any, NamedTuple
 
 from filelock import lock_descriptor, unlock_descriptor
 
@@ -109,7 +109,14 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def try_lock(dir_path: str, dir_fd: int, port: int) -> int | None:
+class Locked(NamedTuple):
+    """A locked lock file: its descriptor, and the file's identity (to find it replaced later)."""
+
+    fd: int
+    file: tuple[int, int]  # st_dev, st_ino
+
+
+def try_lock(dir_path: str, dir_fd: int, port: int) -> Locked | None:
     """Open (creating it if needed) and lock the lock file of ``port`` without blocking.
 
     Returns the locked descriptor, or None when another holder has the lock. Raises ``Unusable``
@@ -121,7 +128,7 @@ def try_lock(dir_path: str, dir_fd: int, port: int) -> int | None:
         if _HAS_UID and info.st_mode & 0o077:  # ours, but readable by others: keep records private
             os.fchmod(fd, 0o600)
         if lock_descriptor(fd, blocking=False):
-            return fd
+            return Locked(fd, (info.st_dev, info.st_ino))
     except BaseException:
         os.close(fd)
         raise
@@ -186,3 +193,18 @@ def read_live_record(dir_path: str, port: int, dir_fd: int = -1) -> dict[str, An
     record.update(parse_record(data.partition(b"\n")[0]))
     record["port"] = port
     return record
+
+
+def still_in_place(path: str, file: tuple[int, int]) -> bool:
+    """Whether the lock file at ``path`` is still ``file`` (``Locked.file``, the one locked).
+
+    False when it was removed, or replaced (by a new file, or with its whole directory): then
+    another process may lock the file now at that path and be given the same port. The full path
+    is looked up, not a name relative to the directory's descriptor, so a directory renamed away
+    and replaced is noticed too. One ``lstat``: cheap enough for the end of every lease.
+    """
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return (info.st_dev, info.st_ino) == file

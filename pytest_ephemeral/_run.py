@@ -391,7 +391,7 @@ def _start(
 
 def main(argv: Sequence[str], *, config: Sequence[Layer] = ()) -> int:
     """``pytest-ephemeral run ARGV``; ``config`` holds the config file's layer(s), if any."""
-    from ._allocator import allocator_for  # imports filelock: only once it is needed
+    from ._allocator import allocator_for, request_for  # imports filelock: only once needed
     from ._settings import resolve
 
     args, command = parse(argv)
@@ -414,10 +414,10 @@ def main(argv: Sequence[str], *, config: Sequence[Layer] = ()) -> int:
         try:
             for attempt in range(1, _LISTEN_ATTEMPTS + 1):
                 if args.block:
-                    ports = allocator.lease_block(n, settings, args.protocol, label)
+                    ports = allocator.lease(request_for(settings, args.protocol, label=label), n)
                 else:
                     for _ in range(n):
-                        ports.append(allocator.lease(settings, args.protocol, label))
+                        ports += allocator.lease(request_for(settings, args.protocol, label=label))
                 if not args.listen:
                     break
                 try:

@@ -103,11 +103,11 @@ def private_range(band_allocator: Leaser, tmp_path: Path) -> Iterator[MakeRange]
 
 HOLDER_SCRIPT = """
 import sys
-from pytest_ephemeral._allocator import allocator_for
+from pytest_ephemeral._allocator import allocator_for, request_for
 from pytest_ephemeral._settings import Raw, resolve
 
 settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
-ports = allocator_for(settings.lock_dir).lease_block(len(settings.ports), settings)
+ports = allocator_for(settings.lock_dir).lease(request_for(settings), len(settings.ports))
 print(" ".join(map(str, ports)), flush=True)
 sys.stdin.read()  # hold the leases until killed
 """

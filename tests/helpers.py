@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from pytest_ephemeral._allocator import Stats, allocator_for
+from pytest_ephemeral._allocator import PortAllocator, Stats, allocator_for, request_for
 from pytest_ephemeral._probe import Protocol
 from pytest_ephemeral._settings import Settings
 
@@ -91,9 +91,9 @@ class Leaser:
     gets this, which passes its settings with every lease, as the plugin and ``lease_port`` do.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, allocator: PortAllocator | None = None) -> None:
         self.settings = settings
-        self.allocator = allocator_for(settings.lock_dir, settings.lock_dir_given)
+        self.allocator = allocator or allocator_for(settings.lock_dir, settings.lock_dir_given)
         self.stats = Stats()
         self._mine: set[int] = set()
 
@@ -105,7 +105,7 @@ class Leaser:
         return self.lease_block(1, protocol)[0]
 
     def lease_block(self, n: int, protocol: Protocol = "tcp") -> list[int]:
-        ports = self.allocator.lease_block(n, self.settings, protocol, stats=self.stats)
+        ports = self.allocator.lease(request_for(self.settings, protocol), n, self.stats)
         self._mine.update(ports)
         return ports
 

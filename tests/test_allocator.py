@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pytest_ephemeral import ConfigError, PortsExhausted
+from pytest_ephemeral import ConfigError, PortNotLeased, PortsExhausted
+from pytest_ephemeral._allocator import PortAllocator, request_for
 from pytest_ephemeral._lockfile import read_live_record
 from pytest_ephemeral._settings import Raw, resolve
 
@@ -32,9 +37,30 @@ def allocator(private: PrivateRange, exclude: str = "", timeout: float = 0) -> L
     return Leaser(resolve(given))
 
 
-def start_at(leaser: Leaser, index: int) -> None:
-    """Make the next walk over the leaser's range start at ``index``."""
-    leaser.allocator._cursors[leaser.settings.ports.spans] = index
+class StartAt:
+    """A random source whose first draw is ``index`` (where a first walk starts), then seeded."""
+
+    def __init__(self, index: int) -> None:
+        self._first: int | None = index
+        self._rest = random.Random(index)
+
+    def randrange(self, stop: int, /) -> int:
+        if self._first is None:
+            return self._rest.randrange(stop)
+        first, self._first = self._first, None
+        return first
+
+
+@contextlib.contextmanager
+def starting_at(private: PrivateRange, index: int) -> Iterator[Leaser]:
+    """Leases through an allocator of its own, whose first walk starts at ``index``."""
+    own = PortAllocator(str(private.lock_dir), True, StartAt(index))
+    leaser = Leaser(allocator(private).settings, own)
+    try:
+        yield leaser
+    finally:
+        leaser.release_all()
+        own.close()
 
 
 @pytest.mark.parametrize("start", range(7))
@@ -43,18 +69,13 @@ def test_blocks_skip_a_held_port_wherever_the_walk_starts(
 ) -> None:
     private = private_range(7)
     ports = private.ports
-    other = allocator(private)
-    start_at(other, 3)
-    assert other.lease() == ports[3]
-    walker = allocator(private)
-    start_at(walker, start)
-    block = walker.lease_block(3)
-    assert block in (ports[:3], ports[4:])
-    assert walker.lease_block(3) in (ports[:3], ports[4:])
-    with pytest.raises(PortsExhausted, match=r"now: .* 7 held by this process"):
-        walker.lease()
-    walker.release_all()
-    other.release_all()
+    with starting_at(private, 3) as other, starting_at(private, start) as walker:
+        assert other.lease() == ports[3]
+        block = walker.lease_block(3)
+        assert block in (ports[:3], ports[4:])
+        assert walker.lease_block(3) in (ports[:3], ports[4:])
+        with pytest.raises(PortsExhausted, match=r": 1 locked .* 6 held by this process"):
+            walker.lease()
 
 
 def test_a_block_never_spans_a_hole_in_the_range(private_range: MakeRange) -> None:
@@ -96,18 +117,18 @@ def test_a_walk_that_lands_among_bound_ports_starts_again_elsewhere(
     try:
         for sock, port in zip(bound, stretch, strict=True):
             sock.bind(("127.0.0.1", port))
-        walker = allocator(private)
+        skipped = 0
         for _ in range(20):
-            start_at(walker, 0)
-            port = walker.lease()
-            assert port not in stretch
-            walker.release(port)
+            with starting_at(private, 0) as walker:
+                port = walker.lease()
+                assert port not in stretch
+                skipped += walker.stats.skipped_bound
     finally:
         for sock in bound:
             sock.close()
     # Port by port, each lease would skip the 32 bound ports (640 in all); starting again at
     # random (half the range is free), a lease skips about 3.
-    assert walker.stats.skipped_bound < 320
+    assert skipped < 320
 
 
 @pytest.mark.parametrize("free", [0, 7, 15])
@@ -120,13 +141,11 @@ def test_a_lone_free_port_behind_bound_ones_is_found_from_every_start(
     try:
         for sock, port in zip(bound, private.ports[:free] + private.ports[free + 1 :], strict=True):
             sock.bind(("127.0.0.1", port))
-        walker = allocator(private)
         for start in range(16):
-            start_at(walker, start)
-            assert walker.lease() == private.ports[free]
-            walker.release(private.ports[free])
+            with starting_at(private, start) as walker:
+                assert walker.lease() == private.ports[free]
         with pytest.raises(PortsExhausted, match="no block of 2 free consecutive ports"):
-            walker.lease_block(2)
+            allocator(private).lease_block(2)
     finally:
         for sock in bound:
             sock.close()
@@ -171,24 +190,27 @@ def test_releasing_what_is_not_held(private_range: MakeRange) -> None:
     one = allocator(private)
     port = one.lease()
     one.release(port)
-    with pytest.raises(ValueError, match=f"port {port} is not leased in"):
+    with pytest.raises(PortNotLeased, match=f"port {port} is not leased in"):
         one.allocator.release(port)
+    with pytest.raises(PortNotLeased, match=f"port {port} is not leased in"):
+        one.allocator.lease_of(port)
+    assert issubclass(PortNotLeased, ValueError)
 
 
 OUT_OF_DESCRIPTORS = """
 import errno, os, resource, sys
 from pytest_ephemeral import EphemeralError
-from pytest_ephemeral._allocator import allocator_for
+from pytest_ephemeral._allocator import allocator_for, request_for
 from pytest_ephemeral._settings import Raw, resolve
 
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[4]), int(sys.argv[4])))
 settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
 allocator = allocator_for(settings.lock_dir)
-allocator.release(allocator.lease(settings))  # the lock dir is prepared: its descriptor is open
+allocator.release(allocator.lease(request_for(settings))[0])  # the lock dir is prepared: open
 before = len(os.listdir("/proc/self/fd"))
 try:
     while True:
-        allocator.lease_block(int(sys.argv[3]), settings)
+        allocator.lease(request_for(settings), int(sys.argv[3]))
 except EphemeralError as error:
     assert "out of file descriptors" in str(error) and "ulimit -n" in str(error), error
     assert isinstance(error.__cause__, OSError) and error.__cause__.errno == errno.EMFILE
@@ -335,3 +357,119 @@ def test_reuse_addr_still_refuses_listeners_and_bound_sockets(
             sock.listen()
         with pytest.raises(PortsExhausted, match="1 bound by other programs"):
             reusing(private).lease("udp" if holder == "bound-udp" else "tcp")
+
+
+# --- the end of every lease checks that its lock file is still in place ---------------------
+
+HOLD_ONE = """
+import sys, warnings
+from pytest_ephemeral._allocator import allocator_for, request_for
+from pytest_ephemeral._settings import Raw, resolve
+
+settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
+allocator = allocator_for(settings.lock_dir)
+port = allocator.lease(request_for(settings))[0]
+print(port, flush=True)
+sys.stdin.readline()  # hold it until told to release it
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    allocator.release(port)
+print(" | ".join(f"{w.category.__name__}: {w.message}" for w in seen), flush=True)
+"""
+
+
+def _start(script: str, private: PrivateRange) -> subprocess.Popen[str]:
+    command = [sys.executable, "-c", script, private.spec, str(private.lock_dir)]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _release_in(process: subprocess.Popen[str]) -> str:
+    """Tell a HOLD_ONE process to release its lease; what it warned."""
+    out, _ = process.communicate("\n", timeout=60)
+    assert process.returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_single_lease_whose_lock_dir_went_warns_when_it_ends(
+    private_range: MakeRange, tmp_path: Path, how: str
+) -> None:
+    """Process A holds the one port; its lock dir goes; process B leases the same port (as it
+    can, on a fresh lock file); A's release must say the port may have been shared."""
+    private = private_range(1)
+    with _start(HOLD_ONE, private) as first:
+        assert first.stdout is not None
+        port = int(first.stdout.readline())
+        if how == "removed":
+            shutil.rmtree(private.lock_dir)
+        else:
+            private.lock_dir.rename(tmp_path / "moved-away")
+            private.lock_dir.mkdir(mode=0o700)
+        with _start(HOLD_ONE, private) as second:
+            assert second.stdout is not None
+            assert int(second.stdout.readline()) == port  # given twice: what the warning is for
+            said = _release_in(first)
+            assert said.startswith("RuntimeWarning: ")
+            assert f"port(s) {port};" in said
+            assert "may be shared now" in said
+            assert _release_in(second).strip() == ""  # its lock file is still in place
+
+
+def test_a_lease_ends_without_a_warning_when_its_lock_file_stayed(
+    private_range: MakeRange,
+) -> None:
+    private = private_range(1)
+    with _start(HOLD_ONE, private) as process:
+        assert process.stdout is not None
+        process.stdout.readline()
+        assert _release_in(process).strip() == ""
+
+
+# --- the bounded attempt and the process-wide query, for the bind0 adapter and the audit ------
+
+
+def test_try_lease_tries_at_most_its_share_and_never_waits(private_range: MakeRange) -> None:
+    private = private_range(8)
+    with starting_at(private, 0) as holder:
+        for _ in range(6):
+            holder.lease()  # ports 0-5: each a candidate a bounded attempt meets first
+        with starting_at(private, 0) as bounded:
+            request = request_for(bounded.settings)
+            started = time.monotonic()
+            assert bounded.allocator.try_lease(request, 4) is None  # 0-3 locked by another
+            port = bounded.allocator.try_lease(request, 4)  # goes on where it stopped: 4, 5, 6
+            assert time.monotonic() - started < 5  # no waiting (timeout would allow 0 anyway)
+            assert port == private.ports[6]
+            bounded.allocator.release(port)
+
+
+HELD_HERE = """
+import sys
+from pytest_ephemeral._allocator import allocator_for, held_here, request_for
+from pytest_ephemeral._settings import Raw, resolve
+
+said = []
+leases = []
+for lock_dir in sys.argv[2:]:  # one port, leased in two lock dirs
+    settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(lock_dir, "argv")})
+    allocator = allocator_for(settings.lock_dir)
+    leases.append((allocator, allocator.lease(request_for(settings))[0]))
+port = leases[0][1]
+said.append(held_here(port))
+for allocator, _ in leases:
+    allocator.release(port)
+    said.append(held_here(port))
+print(*said)
+"""
+
+
+def test_held_here_knows_every_lock_dir_of_this_process(
+    private_range: MakeRange, tmp_path: Path
+) -> None:
+    """In a process of its own: the ports of this suite's private ranges are all held here."""
+    private = private_range(1)
+    (tmp_path / "second").mkdir(mode=0o700)
+    command = [sys.executable, "-c", HELD_HERE, private.spec]
+    command += [str(private.lock_dir), str(tmp_path / "second")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["True", "True", "False"]

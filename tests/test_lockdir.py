@@ -19,8 +19,8 @@ from typing import Any, cast
 
 import pytest
 
-from pytest_ephemeral import PortsExhausted
-from pytest_ephemeral._lockdir import default_lock_dir
+from pytest_ephemeral import LockDirError, PortsExhausted
+from pytest_ephemeral._lockdir import LockDir, default_lock_dir
 from pytest_ephemeral._lockfile import read_live_record
 from pytest_ephemeral._settings import Raw, resolve
 
@@ -396,10 +396,10 @@ def test_a_vanished_lock_dir_is_recreated_and_held_ports_locked_again(
 
 TAKE_ONE = """
 import sys
-from pytest_ephemeral._allocator import allocator_for
+from pytest_ephemeral._allocator import allocator_for, request_for
 from pytest_ephemeral._settings import Raw, resolve
 settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
-print(allocator_for(settings.lock_dir).lease(settings), flush=True)
+print(allocator_for(settings.lock_dir).lease(request_for(settings))[0], flush=True)
 sys.stdin.read()
 """
 
@@ -418,10 +418,10 @@ def test_a_port_taken_while_the_dir_was_gone_is_named_in_one_warning(
             try:
                 assert other.stdout is not None
                 assert other.stdout.readline().strip() == str(held[1])  # it recreated the dir
-                with pytest.warns(RuntimeWarning, match=rf"port\(s\) {held[1]} before") as seen:
+                with pytest.warns(RuntimeWarning, match=rf"port\(s\) {held[1]};") as seen:
                     leases.lease()
                 assert len(seen) == 1
-                assert f"port(s) {held[1]} before" in str(seen[0].message)  # only that one
+                assert f"port(s) {held[1]};" in str(seen[0].message)  # only that one
             finally:
                 other.kill()
 
@@ -432,7 +432,7 @@ UNPRIVILEGED = """
 import json, os, sys
 import pytest_ephemeral._allocator, pytest_ephemeral._api, pytest_ephemeral._leakcheck
 from pytest_ephemeral import ConfigError, PortsExhausted, lease_port
-from pytest_ephemeral._allocator import allocator_for
+from pytest_ephemeral._allocator import allocator_for, request_for
 from pytest_ephemeral._settings import Raw, resolve
 
 os.setgroups([])
@@ -449,7 +449,7 @@ allocator = allocator_for(settings.lock_dir)
 ports = []
 try:
     while True:
-        ports.append(allocator.lease(settings))
+        ports += allocator.lease(request_for(settings))
 except PortsExhausted as error:
     print(json.dumps({"ports": ports, "message": str(error)}))
 """
@@ -503,14 +503,14 @@ lock_dir = sys.argv[2]
 options = "size=64k,nr_inodes=4"
 subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", lock_dir], check=True)
 from pytest_ephemeral import LockDirError, lease_port
-from pytest_ephemeral._allocator import allocator_for
+from pytest_ephemeral._allocator import allocator_for, request_for
 from pytest_ephemeral._settings import Raw, resolve
 settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(lock_dir, "argv")})
 allocator = allocator_for(settings.lock_dir)
 ports = []
 try:
     while True:
-        ports.append(allocator.lease(settings))
+        ports += allocator.lease(request_for(settings))
 except LockDirError as error:
     import os
     print(len(ports), len(os.listdir("/proc/self/fd")) - len(ports), error)
@@ -545,8 +545,6 @@ def test_running_out_of_inodes_mid_run_is_a_clear_error(
 def test_a_release_whose_recovery_fails_still_gives_the_lock_back(
     private_range: MakeRange, tmp_path: Path
 ) -> None:
-    from pytest_ephemeral import LockDirError
-
     private = private_range(2)
     leases = leaser(private)
     first, second = leases.lease_block(2)
@@ -557,8 +555,10 @@ def test_a_release_whose_recovery_fails_still_gives_the_lock_back(
         leases.release(first)
     assert first not in leases.allocator.held  # released, though the recovery failed
     private.lock_dir.unlink()
-    leases.allocator._failure = None  # the planted link is gone: let the test clean up
-    leases.release(second)
+    with pytest.raises(LockDirError, match="is a symbolic link"):  # the failure is kept
+        leases.lease()
+    with pytest.warns(RuntimeWarning, match=f"port\\(s\\) {second}; .* may be shared now"):
+        leases.release(second)  # its lock file went with the dir
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -572,7 +572,7 @@ def test_a_forked_child_never_takes_over_its_parents_leases(private_range: MakeR
     if pid == 0:  # the child leases for itself after the dir vanished: it recovers the dir
         code = 0
         try:
-            leases.allocator.lease(leases.settings)
+            leases.lease()
         except BaseException:
             code = 1
         os._exit(code)
@@ -647,3 +647,33 @@ def test_lease_port_follows_each_session_in_one_process(
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- LockDir: prepared on first use, then watched ----------------------------------------------
+
+
+def test_a_lock_dir_is_prepared_on_first_use_and_noticed_when_it_goes(tmp_path: Path) -> None:
+    path = tmp_path / "locks"
+    lock_dir = LockDir(str(path), explicit=True)
+    assert not path.exists()  # nothing is done before the first use
+    assert lock_dir.ensure()
+    assert path.is_dir()
+    assert lock_dir.ensure()  # still the one prepared
+    path.rename(tmp_path / "moved")
+    path.mkdir(mode=0o700)
+    assert not lock_dir.ensure()  # replaced
+    lock_dir.reprepare()
+    assert lock_dir.unchanged()
+    shutil.rmtree(path)
+    assert not lock_dir.unchanged()  # gone
+    lock_dir.close()
+
+
+def test_a_lock_dir_that_cannot_be_prepared_fails_every_later_use(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    lock_dir = LockDir(str(tmp_path / "file"), explicit=True)
+    with pytest.raises(LockDirError, match="is not a directory"):
+        lock_dir.ensure()
+    (tmp_path / "file").unlink()
+    with pytest.raises(LockDirError, match="is not a directory"):  # the first reason, kept
+        lock_dir.ensure()

@@ -27,7 +27,7 @@ TIMEOUT = 240.0
 #: of JSON: how many binds failed with EADDRINUSE, and each lease as (port, start, end).
 ROUNDS_SCRIPT = """
 import errno, json, socket, sys, time
-from pytest_ephemeral._allocator import allocator_for
+from pytest_ephemeral._allocator import allocator_for, request_for
 from pytest_ephemeral._settings import Raw, resolve
 
 spec, lock_dir, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -38,7 +38,7 @@ print("ready", flush=True)
 sys.stdin.readline()
 in_use, leases = 0, []
 for _ in range(rounds):
-    port = allocator.lease(settings)
+    port = allocator.lease(request_for(settings))[0]
     start = time.monotonic()
     listener = socket.socket()
     try:
