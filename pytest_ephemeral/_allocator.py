@@ -163,7 +163,8 @@ class PortAllocator:
 
     def lease(self, request: Request, n: int = 1, stats: Stats | None = None) -> list[int]:
         """Lease ``n`` consecutive ports; poll up to ``request.timeout`` while others hold them."""
-        _check_block(n, request.ports)
+        if n != 1 or type(n) is not int:  # one port always fits: the common case checks nothing
+            _check_block(n, request.ports)
         stats = stats if stats is not None else _UNCOUNTED
         seen = _Pass()
         deadline: float | None = None
@@ -173,7 +174,8 @@ class PortAllocator:
             if leased is not None:
                 stats.skipped_locked += len(seen.locked)
                 stats.skipped_bound += len(seen.bound)
-                self._warn_after(leased, seen)
+                if self._lost or seen.unrecorded:
+                    self._warn_after(leased, seen)
                 return leased
             if not seen.worth_waiting():
                 raise self._exhausted(n, request.ports, seen, waited=None)
@@ -215,15 +217,13 @@ class PortAllocator:
             if lease is None:
                 raise PortNotLeased(f"port {port} is not leased in {self.lock_dir}")
             try:
-                # If the dir vanished, the other ports held here need new locks.
-                if len(self._held) > 1 and self._dir.prepared and not self._dir.unchanged():
-                    self._recover()
                 if not lease.lost and not self._in_place(lease):
-                    self._lost.append(port)
+                    self._lost_at_release(lease)
             finally:  # a recovery that fails (a symlink planted meanwhile) keeps no lock here
                 del self._held[port]
                 unlock(lease.fd, lease.pid)
-        self._warn_lost()
+        if self._lost:
+            self._warn_lost()
 
     def lease_of(self, port: int) -> Lease:
         """The lease of ``port``; ``PortNotLeased`` if this process does not hold it here."""
@@ -273,7 +273,8 @@ class PortAllocator:
             bound_before = seen.bound_tries
             taken = self._try_block(numbers[first : first + n], request, seen, thread)
             if len(taken) == n:
-                self._held.update((lease.port, lease) for lease in taken)
+                for lease in taken:
+                    self._held[lease.port] = lease
                 walk.leased(first)
                 self._cursors[spans] = walk.cursor
                 return [lease.port for lease in taken]
@@ -384,6 +385,15 @@ class PortAllocator:
         with contextlib.suppress(OSError):  # the record is a detail; the lock is the lease
             write_record(lease.fd, lease.holder, lease.port, lease.nodeid, time.time(), lease.pid)
         return True
+
+    def _lost_at_release(self, lease: Lease) -> None:
+        """The lock file of a lease being released is gone or replaced. If the dir is, the other
+        ports held here need new locks; this one is lost unless it could be locked again too."""
+        if len(self._held) > 1 and self._dir.prepared and not self._dir.unchanged():
+            self._recover()
+        if not lease.lost and not self._in_place(lease):
+            lease.lost = True
+            self._lost.append(lease.port)
 
     def _in_place(self, lease: Lease) -> bool:
         """Whether the lease's lock file is still the one at its path (a forked child's

@@ -12,7 +12,7 @@ import os
 import threading
 from os import PathLike
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._errors import Advice
 from ._probe import Protocol
@@ -44,6 +44,9 @@ _ADVICE = Advice(
     " `pytest-ephemeral status`.",
 )
 _resolved: dict[tuple[object, ...], tuple[Settings, PortAllocator]] = {}
+_allocator_module: Any = (
+    None  # the module, once _resolve has imported it (a call-time import costs)
+)
 _resolved_mutex = threading.Lock()
 _MAX_RESOLVED = 32
 
@@ -55,7 +58,10 @@ def _resolve(arguments: tuple[tuple[str, object], ...]) -> tuple[Settings, PortA
     key = (arguments, generation if session else _env_key())
     found = _resolved.get(key)  # a dict read is atomic; writes take the mutex
     if found is None:
-        from ._allocator import allocator_for  # imports filelock: on the first lease
+        global _allocator_module
+        from . import _allocator  # imports filelock: on the first lease
+
+        _allocator_module, allocator_for = _allocator, _allocator.allocator_for
 
         given = {name: Raw(value, f"argument {name}=") for name, value in arguments}
         settings = resolve(given, *(session or (env_layer(os.environ),)))
@@ -82,9 +88,7 @@ class _Leased:
     def __enter__(self) -> list[int]:
         with _ADVICE:
             settings, self._allocator = _resolve(self._arguments)
-            from ._allocator import request_for  # imported by _resolve already
-
-            request = request_for(settings, self._protocol)
+            request = _allocator_module.request_for(settings, self._protocol)
             self._ports = self._allocator.lease(request, self._n)
         return self._ports
 

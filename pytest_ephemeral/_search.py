@@ -36,6 +36,8 @@ class Walk:
     or locked, held or unusable (False). ``cursor`` is where the next pass over the range begins.
     """
 
+    __slots__ = ("_done", "_fits", "_jumps", "_random", "_skip", "_step", "cursor", "n", "size")
+
     def __init__(
         self,
         size: int,
@@ -56,20 +58,16 @@ class Walk:
         self._skip = 0  # starts the last failure rules out
         self._done = False
 
-    def _fit(self, start: int) -> bool:
-        if start + self.n > self.size:
-            return False
-        return self._fits is None or self._fits(start)
-
     def __iter__(self) -> Iterator[int]:
+        size, n, fits = self.size, self.n, self._fits
         while not self._done:
             self._step += self._skip
             self._skip = 0
-            if self._step >= self.size:
+            if self._step >= size:
                 return
-            start = (self.cursor + self._step) % self.size
+            start = (self.cursor + self._step) % size
             self._step += 1
-            if self._fit(start):
+            if start + n <= size and (fits is None or fits(start)):
                 yield start
 
     def leased(self, start: int) -> None:
