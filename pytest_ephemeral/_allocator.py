@@ -198,6 +198,8 @@ class PortAllocator:
         used, or running out of descriptors, raises as ``lease`` does. The next call goes on
         where this one stopped, so calls in a row see the whole range.
         """
+        if max_tries < 1:
+            raise ConfigError(f"a bounded attempt tries at least one port, not {max_tries}")
         seen = _Pass()
         leased = self._attempt(request, 1, seen, max_tries, stats or _UNCOUNTED)
         if leased is None:
@@ -237,7 +239,8 @@ class PortAllocator:
         """Close the lock dir's descriptor (for an allocator made outside ``allocator_for``)."""
         with self._mutex:
             if self._held:
-                raise EphemeralError(f"{len(self._held)} ports are still leased in {self.lock_dir}")
+                held = ", ".join(map(str, sorted(self._held)))
+                raise EphemeralError(f"port(s) {held} still leased in {self.lock_dir}")
             self._dir.close()
 
     # --- one attempt, under the mutex -------------------------------------------------------
