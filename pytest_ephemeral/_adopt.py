@@ -53,6 +53,7 @@ ADAPTERS = {
     "portpicker": "portpicker",
     "port-for": "port_for",
     "aiohttp": "aiohttp",
+    "bind0": "socket",  # TODO(bind0): the settings table's adopt row; socket: always installed
 }
 OPTION = "--ephemeral-adopt"
 INI = "ephemeral_adopt"

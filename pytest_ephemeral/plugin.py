@@ -17,7 +17,7 @@ from uuid import uuid4
 
 import pytest
 
-from . import _adopt, _leases
+from . import _adopt, _bind, _leases
 from ._errors import ConfigError
 from ._holder import this_process
 from ._leases import PortFactory
@@ -114,6 +114,7 @@ def pytest_configure(config: pytest.Config) -> None:
     leases = _leases.start(config, settings, holder)
     config.stash[_OUTER_LAYERS] = push_session_layers(layers)  # lease_port() here uses them
     _adopt.configure(config, leases)  # adapters for other port helpers (setting adopt)
+    _bind.configure(config, leases)  # bind(0) leased (adapter bind0), fixed ports found (audit)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
