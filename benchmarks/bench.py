@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import platform
 import random
+import shutil
 import socket
 import statistics
 import struct
@@ -448,6 +449,96 @@ def pytest_unconfigure():
 """
 
 
+# One test per measured recipe, as a conftest fixture would run it: each bind(0) is leased for
+# its test (the bind0 adapter) and the lease ends at its teardown. ``Plain`` binds through the C
+# base, as ``socket.socket`` does without the adapter; otherwise it is the same Python socket.
+# Each test times both recipes (alternating which goes first) and a bind of a nonzero port both
+# ways; the first WARM tests create the range's lock files and are not recorded.
+BIND0_TESTS = """
+import _socket, json, os, socket, time
+import pytest
+
+samples = {"recipe": [], "plain": [], "fixed": [], "fixed_plain": []}
+
+
+class Plain(socket.socket):
+    bind = _socket.socket.bind
+
+
+def recipe(kind):
+    start = time.perf_counter_ns()
+    with kind() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.getsockname()[1]
+    return time.perf_counter_ns() - start
+
+
+def fixed(kind):
+    with kind() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        start = time.perf_counter_ns()
+        sock.bind(("127.0.0.1", FIXED))
+        return time.perf_counter_ns() - start
+
+
+@pytest.mark.parametrize("i", range(WARM + COUNT))
+def test_recipe(i):
+    order = [("recipe", socket.socket), ("plain", Plain)]
+    for name, kind in order if i % 2 else order[::-1]:
+        took = recipe(kind)
+        if i >= WARM:
+            samples[name].append(took)
+    for name, kind in [("fixed", socket.socket), ("fixed_plain", Plain)] * 5:
+        took = fixed(kind)
+        if i >= WARM:
+            samples[name].append(took)
+
+
+def test_zz_write():
+    with open(os.environ["BENCH_OUT"], "w") as out:
+        json.dump(samples, out)
+"""
+
+
+def bind0(count: int) -> dict[str, Any]:
+    """The recipe (socket(), bind(0), getsockname(), close()) leased by the bind0 adapter against
+    the same without it, and a bind of a nonzero port with and without the adapter's wrapper,
+    interleaved in one pytest run on an explicit range (lock files in place)."""
+    with tempfile.TemporaryDirectory() as temp:
+        suite = suite_dir(temp, "bind0")
+        low, high = map(int, LATENCY_RANGE.split("-"))
+        warm, fixed = high - low + 1, low - 1  # a pass over the range; a port outside it
+        body = BIND0_TESTS.replace("WARM", str(warm)).replace("COUNT", str(count))
+        (suite / "test_bind0.py").write_text(body.replace("FIXED", str(fixed)))
+        # The lock dir on the default lock dir's file system (tmpfs where there is one)
+        lock_dir = tempfile.mkdtemp(dir=os.path.dirname(default_lock_dir()), prefix="bench-")
+        out = Path(temp, "samples.json")
+        env = {**child_env(temp), "BENCH_OUT": str(out)}
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:randomly"]
+        command += [f"--ephemeral-port-range={LATENCY_RANGE}", f"--ephemeral-lock-dir={lock_dir}"]
+        done = subprocess.run(
+            command, cwd=suite, env=env, capture_output=True, text=True, timeout=WAIT * 5
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the bind0 suite failed:\n{done.stdout}{done.stderr}")
+        samples = json.loads(out.read_text())
+        shutil.rmtree(lock_dir)
+    leased_us, plain_us = (statistics.median(samples[k]) / 1e3 for k in ("recipe", "plain"))
+    fixed_us, fixed_plain_us = (
+        statistics.median(samples[k]) / 1e3 for k in ("fixed", "fixed_plain")
+    )
+    return {
+        "tests": count,
+        "recipe_leased_us": leased_us,
+        "recipe_plain_us": plain_us,
+        "recipe_ratio": leased_us / plain_us,
+        "fixed_bind_us": fixed_us,
+        "fixed_bind_plain_us": fixed_plain_us,
+        "fixed_bind_extra_us": fixed_us - fixed_plain_us,
+        "target_met": leased_us / plain_us <= 3.5 and fixed_us - fixed_plain_us <= 1.0,
+    }
+
+
 def suite_dir(temp: str, name: str) -> Path:
     """A directory for a generated pytest suite under ``temp``."""
     suite = Path(temp, name)
@@ -746,7 +837,7 @@ def cell(value: object) -> str:
 
 def table(machine: dict[str, Any], r: Results) -> str:
     lat, sc, co, th, st = (r[k] for k in ("latency", "scale", "collisions", "theft", "startup"))
-    cpu = r["suite"]
+    cpu, b0 = r["suite"], r["bind0"]
     met = {True: "met", False: "MISSED"}
     rows: list[tuple[str, object, object, str]] = [
         ("Section: figure", "ephemeral", "recipe", "ratio; target"),
@@ -765,6 +856,11 @@ def table(machine: dict[str, Any], r: Results) -> str:
          ""),
         ("    more per later test, set-up + teardown (us)", cpu["suite_per_test_us"], "-", ""),
         ("    more in the rest of the run (ms)", cpu["suite_outside_ms"], "-", ""),
+        ("  bind0: recipe leased, one per test (us)", b0["recipe_leased_us"],
+         b0["recipe_plain_us"],
+         f"{b0['recipe_ratio']:.1f}x; <= 3.5x {met[b0['recipe_ratio'] <= 3.5]}"),
+        ("  bind0: bind() of a nonzero port (us)", b0["fixed_bind_us"], b0["fixed_bind_plain_us"],
+         f"+{b0['fixed_bind_extra_us']:.2f} us; ~1 us {met[b0['fixed_bind_extra_us'] <= 1.0]}"),
         (f"2 lease all {SCALE_SIZE} ports, 1 process, new dir (s)", sc["one_process_s"], "-",
          f"< 1 s {met[sc['target_met']]}"),
         ("  the same, lock files in place (s)", sc["one_process_files_exist_s"], "-", ""),
@@ -820,6 +916,9 @@ def table(machine: dict[str, Any], r: Results) -> str:
         "     allocator. The rest: the process's CPU time less those (start-up, the plugin's",
         "     hooks, the tests' own work, alike in both, the end of the run). Medians of the",
         "     pairs' differences.",
+        f"1:   bind0: {b0['tests']} tests in one run, each timing the recipe with the adapter and"
+        " the same",
+        "     on a socket whose bind is the C base's (the recipe column); medians.",
         "1,5: paired runs: the columns are medians of the runs, the ratio the median of the pairs'",
         "     ratios (so it need not equal the columns' quotient).",
         f"Auto-range sections use the shared lock dir {machine['default_lock_dir']}.",
@@ -879,6 +978,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("latency", lambda: latency(1000 if quick else 5000)),
         ("suite", lambda: suite_cpu(1 if quick else 9, 50 if quick else 200)),
+        ("bind0", lambda: bind0(500 if quick else 3000)),
         ("scale", lambda: scale(10 if quick else 50)),
         ("collisions", lambda: collisions(procs, n, gap)),
         ("theft", lambda: theft(procs, n, gap, os_range)),

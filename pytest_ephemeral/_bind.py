@@ -31,6 +31,7 @@ Python call and a type test, not for settings read on every call.
 
 from __future__ import annotations
 
+import _socket
 import os
 import socket
 import threading
@@ -64,6 +65,10 @@ RANGE_SHARE = 8
 LEASED, LEFT_TO_OS, STILL_OPEN = "bind0_leased", "bind0_os", "still_open"
 
 _Bind = Callable[[socket.socket, Any], None]
+#: A socket's family and type as plain ints, from the C base: ``socket.socket``'s properties
+#: build enum members on every read, several times the cost of the rest of the check.
+_family = _socket.socket.family.__get__
+_type = _socket.socket.type.__get__
 
 
 def lease_limit(range_size: int) -> int:
@@ -121,14 +126,9 @@ class Binder:
 
     def bind_zero(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
         """A bind to port 0: to a leased port if one can be had at once, else as asked."""
-        protocol = _PROTOCOLS.get(sock.type)
+        protocol = _caught(sock)
         local = self._local
-        if (
-            protocol is None
-            or sock.family not in _FAMILIES
-            or getattr(local, "busy", False)
-            or os.getpid() != self.pid
-        ):
+        if protocol is None or getattr(local, "busy", False) or os.getpid() != self.pid:
             return self.base(sock, address)
         port = self._lease(protocol) if self._room() else None
         if port is not None:
@@ -174,8 +174,8 @@ class Binder:
     def bind_audited(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
         """A bind to a nonzero port: as asked, then a warning if no lease of ours covers it."""
         self.base(sock, address)
-        protocol = _PROTOCOLS.get(sock.type)
-        if protocol is None or sock.family not in _FAMILIES or getattr(self._local, "busy", False):
+        protocol = _caught(sock)
+        if protocol is None or getattr(self._local, "busy", False):
             return
         port = address[1]
         if port in self.outer_ports or self.held_here(port):
@@ -195,6 +195,11 @@ class Binder:
             ),
             stacklevel=3,  # this method, the replacement, then the caller's bind
         )
+
+
+def _caught(sock: socket.socket) -> Literal["tcp", "udp"] | None:
+    """The protocol of an IPv4 or IPv6 TCP or UDP socket; None for any other socket."""
+    return _PROTOCOLS.get(_type(sock)) if _family(sock) in _FAMILIES else None
 
 
 def _replacement(binder: Binder) -> _Bind:
