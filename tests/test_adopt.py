@@ -15,7 +15,7 @@ from pytest_ephemeral._settings import Raw
 
 from .conftest import MakeRange
 
-ALL = "pytest-asyncio, anyio, portpicker, port-for, aiohttp"
+ALL = "pytest-asyncio, anyio, portpicker, port-for, aiohttp, bind0"
 # --- the setting ------------------------------------------------------------------------------
 
 
