@@ -54,12 +54,30 @@ def family_of(host: str) -> socket.AddressFamily:
 def ipv6_available() -> bool:
     """Whether a dual-stack ``[::]`` socket can be bound (some machines boot with IPv6 off)."""
     try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(("::", 0))
+        sock = _socket.socket(socket.AF_INET6, socket.SOCK_STREAM)  # not caught by bind0
+    except OSError:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))
     except (OSError, AttributeError):
         return False
+    finally:
+        sock.close()
     return True
+
+
+def try_bind(family: int, address: tuple[str, int]) -> OSError | None:
+    """Bind a throwaway TCP socket to ``address`` (no address reuse): the error, or None if it
+    bound. The C base's socket, as for probes: the bind0 adapter and the audit never see it."""
+    sock = _socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        return error
+    finally:
+        sock.close()
+    return None
 
 
 @functools.cache

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from ._errors import ConfigError
 from ._lockdir import default_lock_dir
-from ._probe import FORBIDDEN_ERRNOS
+from ._probe import FORBIDDEN_ERRNOS, try_bind
 from ._ranges import (
     PortRange,
     Spans,
@@ -171,15 +171,10 @@ def _check_bindable(ports: PortRange, raw: Raw) -> None:
     samples = sorted({numbers[0], numbers[len(numbers) // 2], numbers[-1]})
     causes = []
     for port in samples:
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                probe.bind(("0.0.0.0", port))
-        except OSError as error:
-            if error.errno not in FORBIDDEN_ERRNOS:
-                return  # in use, or some other trouble: not a question of privilege
-            causes.append(error.strerror or errno.errorcode.get(error.errno or 0, "refused"))
-        else:
-            return
+        error = try_bind(socket.AF_INET, ("0.0.0.0", port))
+        if error is None or error.errno not in FORBIDDEN_ERRNOS:
+            return  # bound, in use, or some other trouble: not a question of privilege
+        causes.append(error.strerror or errno.errorcode.get(error.errno or 0, "refused"))
     hint = " (ports below 1024 need root)" if numbers[-1] < 1024 else ""
     raise ConfigError(
         f"bad value {_describe(raw)}: this process may not bind ports in it: {causes[0]}{hint}"
@@ -224,10 +219,8 @@ def _host(raw: Raw | None) -> str:
             f"bad value {_describe(raw)}: not an IP address (use a numeric address or localhost)"
         ) from None
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((host, 0))
-    except OSError as error:
+    error = try_bind(family, (host, 0))
+    if error is not None:
         raise ConfigError(
             f"bad value {_describe(raw)}: not a local address of this machine ({error.strerror})"
         ) from None

@@ -458,6 +458,8 @@ AUDITED = """
 import os
 import socket
 
+from pytest_ephemeral import lease_port
+
 
 def bind(port, kind=socket.SOCK_STREAM):
     with socket.socket(socket.AF_INET, kind) as sock:
@@ -481,6 +483,11 @@ def test_leased(free_port, port_factory):
 
 def test_enclosing_run():
     bind(int(os.environ["EPHEMERAL_PORTS"].split(",")[1]))
+
+
+def test_lease_port_checks_its_settings_quietly():
+    with lease_port(port_range="OWN-OWN", lock_dir=os.environ["PRIVATE_LOCK_DIR"], host="127.0.0.1"):
+        pass
 """
 
 
@@ -490,10 +497,12 @@ def audited(
 ) -> int:
     """A suite binding a fixed port twice in one test and once in another, leased ports, and a
     port of an enclosing run; returns the fixed port."""
-    fixed, *outer = private_range(3).ports
+    private = private_range(4)
+    fixed, own, *outer = private.ports
     monkeypatch.setenv("EPHEMERAL_PORTS", ",".join(map(str, outer)))
+    monkeypatch.setenv("PRIVATE_LOCK_DIR", str(private.lock_dir))
     monkeypatch.setenv("PYTEST_EPHEMERAL_AUDIT", "yes")
-    pytester.makepyfile(AUDITED.replace("FIXED", str(fixed)))
+    pytester.makepyfile(AUDITED.replace("FIXED", str(fixed)).replace("OWN", str(own)))
     return fixed
 
 
@@ -501,11 +510,11 @@ def test_audit_warns_once_per_test_and_port_at_the_callers_bind(
     pytester: pytest.Pytester, audited: int
 ) -> None:
     result = pytester.runpytest_subprocess("-p", "no:xdist")
-    result.assert_outcomes(passed=4, warnings=2)
+    result.assert_outcomes(passed=5, warnings=2)
     result.stdout.fnmatch_lines(
         [
             "test_audit_warns_once*.py::test_fixed_twice",
-            "*test_audit_warns_once*.py:7: UnleasedPortWarning: test_audit_warns_once*.py"
+            "*test_audit_warns_once*.py:9: UnleasedPortWarning: test_audit_warns_once*.py"
             f"::test_fixed_twice bound TCP port {audited}, which pytest-ephemeral did not lease*"
             "free_port, free_socket or port_factory",
             '*sock.bind(("127.0.0.1", port))*',
@@ -519,7 +528,7 @@ def test_audit_off_says_nothing(
 ) -> None:
     monkeypatch.setenv("PYTEST_EPHEMERAL_AUDIT", "no")
     result = pytester.runpytest_subprocess("-p", "no:xdist")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
 
 
 @pytest.mark.parametrize("mode", [["-n", "2"], ["-p", "no:xdist"]], ids=" ".join)
@@ -527,5 +536,5 @@ def test_audit_as_a_gate(pytester: pytest.Pytester, audited: int, mode: list[str
     result = pytester.runpytest_subprocess(
         *mode, "-W", "error::pytest_ephemeral.UnleasedPortWarning"
     )
-    result.assert_outcomes(passed=2, failed=2)
+    result.assert_outcomes(passed=3, failed=2)
     result.stdout.fnmatch_lines(["FAILED *::test_fixed_again - pytest_ephemeral.Unleased*"])
