@@ -486,7 +486,8 @@ def test_enclosing_run():
 
 
 def test_lease_port_checks_its_settings_quietly():
-    with lease_port(port_range="OWN-OWN", lock_dir=os.environ["PRIVATE_LOCK_DIR"], host="127.0.0.1"):
+    lock_dir = os.environ["PRIVATE_LOCK_DIR"]
+    with lease_port(port_range="OWN-OWN", lock_dir=lock_dir, host="127.0.0.1"):
         pass
 """
 
