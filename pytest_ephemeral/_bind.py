@@ -175,8 +175,8 @@ class Binder:
         """A bind to a nonzero port: as asked, then a warning if no lease of ours covers it."""
         self.base(sock, address)
         protocol = _caught(sock)
-        if protocol is None or getattr(self._local, "busy", False):
-            return
+        if protocol is None or getattr(self._local, "busy", False) or os.getpid() != self.pid:
+            return  # not a TCP or UDP socket, the plugin's own bind, a forked child's
         port = address[1]
         if port in self.outer_ports or self.held_here(port):
             return

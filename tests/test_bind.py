@@ -479,6 +479,10 @@ def test_fixed_again():
 def test_leased(free_port, port_factory):
     bind(free_port)
     bind(port_factory(protocol="udp"), socket.SOCK_DGRAM)
+    with socket.socket() as recipe:  # bind0 leases it: binding its number again is no warning
+        recipe.bind(("127.0.0.1", 0))
+        port = recipe.getsockname()[1]
+    bind(port)
 
 
 def test_enclosing_run():
