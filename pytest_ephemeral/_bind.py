@@ -36,7 +36,7 @@ import os
 import socket
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
@@ -87,7 +87,7 @@ def lease_limit(range_size: int) -> int:
     return max(1, min(limit, soft // NOFILE_SHARE))
 
 
-def enclosing_run_ports(environ: dict[str, str] | os._Environ[str]) -> frozenset[int]:
+def enclosing_run_ports(environ: Mapping[str, str]) -> frozenset[int]:
     """Ports an enclosing ``pytest-ephemeral run`` leased for this run (``EPHEMERAL_PORTS``)."""
     ports = set()
     for part in environ.get("EPHEMERAL_PORTS", "").split(","):
