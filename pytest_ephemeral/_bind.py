@@ -313,8 +313,11 @@ def configure(config: pytest.Config, leases: SessionLeases) -> None:
     if not (bind0 or audit):
         return
 
-    def held_here(port: int) -> bool:  # TODO(bind0): the allocator's held_here(port)
-        return port in leases.allocator.held
+    def held_here(port: int) -> bool:  # loaded on the first audited bind: it imports filelock
+        from ._allocator import held_here
+
+        binder.held_here = held_here
+        return held_here(port)
 
     binder = Binder(leases, bind0=bind0, audit=audit, held_here=held_here)
     config.pluginmanager.register(BindPlugin(binder), "ephemeral-bind0")
