@@ -10,12 +10,11 @@ import textwrap
 import pytest
 
 from pytest_ephemeral import ConfigError
-from pytest_ephemeral._adopt import ADAPTERS, parse_adopt
-from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._settings import ADAPTERS, Raw, parse_adopt
 
 from .conftest import MakeRange
 
-ALL = "pytest-asyncio, anyio, portpicker, port-for, aiohttp"
+ALL = "pytest-asyncio, anyio, portpicker, port-for, aiohttp, bind0"
 # --- the setting ------------------------------------------------------------------------------
 
 
@@ -25,7 +24,6 @@ ALL = "pytest-asyncio, anyio, portpicker, port-for, aiohttp"
         ("all", set(ADAPTERS)),
         (" ALL ", set(ADAPTERS)),
         ("none", set()),
-        ("", set()),
         ("anyio", {"anyio"}),
         ("port-for, aiohttp,", {"port-for", "aiohttp"}),
     ],

@@ -14,7 +14,8 @@ import pytest
 
 from pytest_ephemeral import ConfigError, PortsExhausted
 from pytest_ephemeral._lockfile import read_live_record
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
 from .conftest import MakeRange, PrivateRange
 from .helpers import Leaser
@@ -29,7 +30,7 @@ def allocator(private: PrivateRange, exclude: str = "", timeout: float = 0) -> L
     }
     if exclude:
         given["exclude"] = Raw(exclude, "test")
-    return Leaser(resolve(given))
+    return Leaser(load(given))
 
 
 def start_at(leaser: Leaser, index: int) -> None:
@@ -179,10 +180,11 @@ OUT_OF_DESCRIPTORS = """
 import errno, os, resource, sys
 from pytest_ephemeral import EphemeralError
 from pytest_ephemeral._allocator import allocator_for
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[4]), int(sys.argv[4])))
-settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
+settings = load({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
 allocator = allocator_for(settings.lock_dir)
 allocator.release(allocator.lease(settings))  # the lock dir is prepared: its descriptor is open
 before = len(os.listdir("/proc/self/fd"))
@@ -295,7 +297,7 @@ def reusing(private: PrivateRange) -> Leaser:
         "timeout": Raw(0, "test"),
         "reuse_addr": Raw("yes", "test"),
     }
-    return Leaser(resolve(given))
+    return Leaser(load(given))
 
 
 LINUX_ONLY = pytest.mark.skipif(
