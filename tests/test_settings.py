@@ -429,9 +429,9 @@ def test_the_audit_setting_is_a_yes_or_no_row(run: pytest.Pytester) -> None:
 def test_an_inner_session_s_settings_end_with_it(
     pytester: pytest.Pytester, private_range: MakeRange
 ) -> None:
-    from pytest_ephemeral import lease_port
+    from pytest_ephemeral._current import SESSION
 
-    outer = [int(port) for port in os.environ[ENV_RANGE].split("-")]
+    outer = SESSION.session
     private = private_range(2)
     pytester.makepyfile(
         f"""
@@ -445,5 +445,4 @@ def test_an_inner_session_s_settings_end_with_it(
         """
     )
     pytester.runpytest_inprocess(*private.args, "-p", "no:xdist").assert_outcomes(passed=1)
-    with lease_port() as port:
-        assert outer[0] <= port <= outer[1]
+    assert SESSION.session is outer
