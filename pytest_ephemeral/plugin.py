@@ -36,7 +36,7 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     pluginmanager.register(_adopt.RunParallelSetting(), "ephemeral-run-parallel")
 
 
-_OUTER = pytest.StashKey["Session | None"]()
+_CURRENT = pytest.StashKey[Session]()
 
 
 def _layers(config: pytest.Config) -> tuple[Layer, ...]:
@@ -61,7 +61,7 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None) or {}
     holder = this_process(workerinput.get("workerid"), workerinput.get("testrunuid") or uuid4().hex)
     leases = _leases.start(config, settings, holder)
-    config.stash[_OUTER] = open_session(Session(layers, settings))  # lease_port() here uses them
+    config.stash[_CURRENT] = open_session(Session(layers, settings))  # lease_port() here uses them
     _adopt.configure(config, leases)  # adapters for other port helpers (setting adopt)
 
 
@@ -100,7 +100,7 @@ def pytest_terminal_summary(
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _leases.started(config):
-        close_session(config.stash[_OUTER])
+        close_session(config.stash[_CURRENT])
         _leases.finish(config)  # leases of a session cut short before its teardown
 
 

@@ -446,3 +446,16 @@ def test_an_inner_session_s_settings_end_with_it(
     )
     pytester.runpytest_inprocess(*private.args, "-p", "no:xdist").assert_outcomes(passed=1)
     assert SESSION.session is outer
+
+
+def test_sessions_may_end_in_any_order() -> None:
+    from pytest_ephemeral._current import SESSION, Session, close_session, open_session
+    from pytest_ephemeral._sources import load
+
+    outer = SESSION.session
+    first = open_session(Session((), load()))
+    second = open_session(Session((), load()))
+    close_session(first)  # a pytester config that outlives a session started after it
+    assert SESSION.session is second
+    close_session(second)
+    assert SESSION.session is outer
