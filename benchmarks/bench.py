@@ -43,7 +43,8 @@ from pytest_ephemeral._leakcheck import still_in_use
 from pytest_ephemeral._lockdir import default_lock_dir
 from pytest_ephemeral._probe import bind_targets
 from pytest_ephemeral._ranges import format_spans, read_system_ports
-from pytest_ephemeral._settings import Raw, Settings, resolve
+from pytest_ephemeral._settings import Raw, Settings
+from pytest_ephemeral._sources import load
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -87,7 +88,7 @@ class Leases:
 def allocator(port_range: str | None, lock_dir: str | None, timeout: float) -> Leases:
     """Leases of a range; no range means the auto range, no lock dir the default one."""
     given = {"port_range": port_range, "lock_dir": lock_dir, "timeout": timeout}
-    return Leases(resolve({k: Raw(v, "bench") for k, v in given.items() if v is not None}))
+    return Leases(load({k: Raw(v, "bench") for k, v in given.items() if v is not None}))
 
 
 def recipe_port() -> int:
@@ -959,7 +960,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quick = options.quick
     raise_fd_limit(SCALE_SIZE + 256)
     system = read_system_ports()
-    auto = resolve({})
+    auto = load({})
     os_range = system.auto_assign[0] if system.auto_assign else (32768, 60999)
     machine: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -30,7 +30,6 @@ import importlib.machinery
 import importlib.util
 import itertools
 import operator
-import os
 import socket
 import sys
 import threading
@@ -41,27 +40,10 @@ from typing import Any
 import pytest
 
 from . import _leases
-from ._errors import ConfigError, PortsExhausted
+from ._errors import PortsExhausted
 from ._leases import PortFactory, SessionLeases
 from ._probe import Protocol
-from ._settings import Raw
-
-#: Adapter names, in header order, and the top-level module whose presence means "installed".
-ADAPTERS = {
-    "pytest-asyncio": "pytest_asyncio",
-    "anyio": "anyio",
-    "portpicker": "portpicker",
-    "port-for": "port_for",
-    "aiohttp": "aiohttp",
-    "bind0": "socket",  # TODO(bind0): the settings table's adopt row; socket: always installed
-}
-OPTION = "--ephemeral-adopt"
-INI = "ephemeral_adopt"
-ENV = "PYTEST_EPHEMERAL_ADOPT"
-HELP = (
-    "Port helpers to back with leases: a comma list of " + ", ".join(ADAPTERS) + ", or all or none."
-    " Default: all"
-)
+from ._settings import ADAPTERS
 
 #: Fixtures that hand out one port per test: tests using them must not run in several threads.
 ONE_PORT_PER_TEST = (
@@ -74,42 +56,6 @@ ONE_PORT_PER_TEST = (
 )
 
 
-def parse_adopt(raw: Raw) -> frozenset[str]:
-    """The adapter names a setting value asks for; ``ConfigError`` naming value and origin."""
-    names = {part.strip().lower() for part in str(raw.value).split(",")} - {""}
-    if names == {"all"}:
-        return frozenset(ADAPTERS)
-    if names in ({"none"}, set()):
-        return frozenset()
-    unknown = sorted(names - set(ADAPTERS))
-    if unknown or "all" in names or "none" in names:
-        bad = ", ".join(unknown) or "all/none mixed with names"
-        raise ConfigError(
-            f"bad value {raw.value!r} from {raw.origin}: unknown adapter {bad}"
-            f" (expected a comma list of {', '.join(ADAPTERS)}, or all or none)"
-        )
-    return frozenset(names)
-
-
-def adopt_raw(config: pytest.Config) -> Raw:
-    """The ``adopt`` value: command line (``--ephemeral-adopt``, then ``-o ephemeral_adopt``),
-    then environment, then config file, then default: the precedence of every other setting."""
-    value = getattr(config.option, "ephemeral_adopt", None)
-    if value is not None:
-        return Raw(value, f"command-line option {OPTION}")
-    overrides = [
-        o.partition("=")[2] for o in config.option.override_ini or () if o.startswith(f"{INI}=")
-    ]
-    if overrides and overrides[-1].strip():
-        return Raw(overrides[-1], f"command-line option -o {INI}")
-    if os.environ.get(ENV, "").strip():
-        return Raw(os.environ[ENV], f"environment variable {ENV}")
-    ini = config.getini(INI)
-    if ini:
-        return Raw(ini, f"{INI} in config file {config.inipath}")
-    return Raw("all", "the default")
-
-
 def installed(names: Iterable[str]) -> list[str]:
     """Those of ``names`` whose package is installed, in header order, found without importing.
 
@@ -119,17 +65,14 @@ def installed(names: Iterable[str]) -> list[str]:
     return [
         name
         for name, module in ADAPTERS.items()
-        if name in chosen and (module in sys.modules or importlib.util.find_spec(module))
+        if name in chosen
+        and (module is None or module in sys.modules or importlib.util.find_spec(module))
     ]
 
 
 def configure(config: pytest.Config, leases: SessionLeases) -> None:
-    """Resolve ``adopt`` and register the active adapters (called from ``pytest_configure``)."""
-    try:
-        adopted = parse_adopt(adopt_raw(config))
-    except ConfigError as error:
-        raise pytest.UsageError(str(error)) from None
-    active = installed(adopted)
+    """Register the adapters the setting ``adopt`` asks for (called from ``pytest_configure``)."""
+    active = installed(leases.settings.adopt)
     config.pluginmanager.register(_Adapters(config, leases, active), "ephemeral-adapters")
 
 

@@ -1,28 +1,33 @@
 """Leases for code outside pytest fixtures: ``with lease_port() as port: ...``.
 
-The defaults are the plugin's, environment variables included, so a script and a test suite on
-one machine share the same lock directory and never hand out the same port; called during a
-pytest session (from a ``conftest.py`` hook, say), they are that session's settings. Settings are
-resolved once per distinct set of arguments and environment, not on every call.
+The defaults are those a pytest run started here would use (the project's config file and its
+``addopts``, ``PYTEST_ADDOPTS``, the environment variables), so a script and a test suite on one
+machine share the same lock directory and never hand out the same port; called during a pytest
+session (from a ``conftest.py`` hook, say), they are that session's settings. The keywords given
+override either. Settings are resolved once per distinct set of arguments, environment and current
+directory (or session), not on every call: finding the config file takes a walk up the tree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from os import PathLike
+from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._current import SESSION
 from ._errors import Advice
 from ._probe import Protocol
-from ._settings import NAMES, Raw, Settings, env_layer, env_var, resolve, session_layers
+from ._settings import LEASE_NAMES, ROWS, Layer, Raw
 
 if TYPE_CHECKING:
-    from ._allocator import PortAllocator
+    from ._allocator import PortAllocator, Request
 
-_ENV_NAMES = tuple(env_var(name) for name in NAMES)
-# Reading six variables through os.environ costs 4-5 us a lease (each missing one raises and
+_ENV_NAMES = (*(ROWS[name].env for name in LEASE_NAMES), "PYTEST_ADDOPTS")
+# Reading the variables through os.environ costs microseconds a lease (each missing one raises and
 # catches a KeyError); its own mapping answers in a tenth of that. CPython keeps it in _data,
 # keyed by encodekey(name); anything else reads os.environ.
 _ENV_DATA = getattr(os.environ, "_data", None)
@@ -30,7 +35,7 @@ _ENV_KEYS = tuple(map(os.environ.encodekey, _ENV_NAMES)) if hasattr(os.environ, 
 
 
 def _env_key() -> tuple[object, ...]:
-    """What the ``PYTEST_EPHEMERAL_*`` variables hold now, to key the settings cache."""
+    """What the variables that decide the settings hold now, to key the settings cache."""
     if isinstance(_ENV_DATA, dict) and _ENV_KEYS:
         return tuple(map(_ENV_DATA.get, _ENV_KEYS))
     return tuple(map(os.environ.get, _ENV_NAMES))
@@ -43,30 +48,42 @@ _ADVICE = Advice(
     " (timeout= or PYTEST_EPHEMERAL_TIMEOUT), release ports sooner, or see who holds them with"
     " `pytest-ephemeral status`.",
 )
-_resolved: dict[tuple[object, ...], tuple[Settings, PortAllocator]] = {}
-_allocator_module: Any = (
-    None  # the module, once _resolve has imported it (a call-time import costs)
-)
+_resolved: dict[tuple[object, ...], tuple[PortAllocator, Request]] = {}
 _resolved_mutex = threading.Lock()
 _MAX_RESOLVED = 32
 
 
-def _resolve(arguments: tuple[tuple[str, object], ...]) -> tuple[Settings, PortAllocator]:
-    """The settings for these arguments over the defaults, and the allocator of their lock dir:
-    resolved once per distinct input."""
-    session, generation = session_layers()
-    key = (arguments, generation if session else _env_key())
-    found = _resolved.get(key)  # a dict read is atomic; writes take the mutex
-    if found is None:
-        global _allocator_module
-        from . import _allocator  # imports filelock: on the first lease
+def _lease_settings(layer: Layer) -> Layer:
+    """Only the settings a lease takes: a bad ``adopt`` is the session's business, not ours."""
+    return {name: raw for name, raw in layer.items() if name in LEASE_NAMES}
 
-        _allocator_module, allocator_for = _allocator, _allocator.allocator_for
+
+def _resolve(
+    arguments: tuple[tuple[str, object], ...], protocol: Protocol
+) -> tuple[PortAllocator, Request]:
+    """The allocator of the lock dir these arguments (over the session's or the project's
+    settings) name, and the request for ``protocol``: resolved once per distinct input and process
+    (the request names this process as the holder)."""
+    session = SESSION.session
+    scope = (SESSION.generation,) if session else (_env_key(), os.getcwd())
+    key = (arguments, protocol, os.getpid(), *scope)
+    try:
+        found = _resolved.get(key)  # a dict read is atomic; writes take the mutex
+    except TypeError:  # an unhashable argument: a list for a port range, say
+        found = None
+    if found is None:
+        from ._allocator import allocator_for, request_for  # imports filelock: first lease
+        from ._sources import load, project_layers
 
         given = {name: Raw(value, f"argument {name}=") for name, value in arguments}
-        settings = resolve(given, *(session or (env_layer(os.environ),)))
-        found = settings, allocator_for(settings.lock_dir, settings.lock_dir_given)
-        with _resolved_mutex:
+        if session is not None:
+            layers = (given, *session.layers)
+        else:
+            _, layers = project_layers(given, Path.cwd(), None, os.environ)
+        settings = load(*map(_lease_settings, layers))
+        allocator = allocator_for(settings.lock_dir, settings.lock_dir_given)
+        found = allocator, request_for(settings, protocol)
+        with _resolved_mutex, contextlib.suppress(TypeError):
             if len(_resolved) >= _MAX_RESOLVED:
                 _resolved.clear()
             _resolved[key] = found
@@ -87,8 +104,7 @@ class _Leased:
 
     def __enter__(self) -> list[int]:
         with _ADVICE:
-            settings, self._allocator = _resolve(self._arguments)
-            request = _allocator_module.request_for(settings, self._protocol)
+            self._allocator, request = _resolve(self._arguments, self._protocol)
             self._ports = self._allocator.lease(request, self._n)
         return self._ports
 
@@ -116,7 +132,9 @@ class _LeasedPort(_Leased):
         return super().__enter__()[0]
 
 
-_ARGUMENT_NAMES = ("host", "port_range", "exclude", "lock_dir", "timeout")
+#: ``lease_port``'s and ``lease_block``'s keywords after ``protocol``, in their order (a test
+#: checks they are the table's ``LEASE_NAMES``).
+_ARGUMENT_NAMES = ("host", "port_range", "exclude", "lock_dir", "timeout", "reuse_addr")
 
 
 def _arguments(*values: object) -> tuple[tuple[str, object], ...]:
@@ -134,14 +152,19 @@ def lease_block(
     exclude: str | None = None,
     lock_dir: str | PathLike[str] | None = None,
     timeout: float | None = None,
+    reuse_addr: bool | None = None,
 ) -> _Leased:
     """Lease ``n`` consecutive ports for the ``with`` block: ``with lease_block(3) as ports:``.
 
     ``port_range`` and ``exclude`` take the same strings as the plugin's options; every argument
-    left out comes from its ``PYTEST_EPHEMERAL_*`` environment variable, then the default. Raises
+    left out is what a pytest run here would use: during a session, the session's setting;
+    outside one, the project's ``addopts`` and ``PYTEST_ADDOPTS``, the ``PYTEST_EPHEMERAL_*``
+    environment variable, the project's config file, then the default. Raises
     ``ConfigError`` for a bad value and ``PortsExhausted`` when no ports free up within ``timeout``.
     """
-    return _Leased(n, protocol, _arguments(host, port_range, exclude, lock_dir, timeout))
+    return _Leased(
+        n, protocol, _arguments(host, port_range, exclude, lock_dir, timeout, reuse_addr)
+    )
 
 
 def lease_port(
@@ -152,10 +175,13 @@ def lease_port(
     exclude: str | None = None,
     lock_dir: str | PathLike[str] | None = None,
     timeout: float | None = None,
+    reuse_addr: bool | None = None,
 ) -> _LeasedPort:
     """Lease one port, bind-checked for ``protocol`` ("tcp", "udp" or "both"), for the ``with``
     block: ``with lease_port() as port:``. Takes the same keywords as ``lease_block``."""
-    return _LeasedPort(1, protocol, _arguments(host, port_range, exclude, lock_dir, timeout))
+    return _LeasedPort(
+        1, protocol, _arguments(host, port_range, exclude, lock_dir, timeout, reuse_addr)
+    )
 
 
 lease_block.__module__ = lease_port.__module__ = "pytest_ephemeral"

@@ -305,11 +305,8 @@ class BindPlugin:
 def configure(config: pytest.Config, leases: SessionLeases) -> None:
     """Install the session's binder if ``bind0`` is adopted or the audit is on (called from
     ``pytest_configure``, after the adapters)."""
-    # TODO(bind0): leases.settings.adopt and .audit once the settings table has them.
-    from ._adopt import adopt_raw, parse_adopt
-
-    audit = os.environ.get("PYTEST_EPHEMERAL_AUDIT", "").strip().lower() in {"1", "yes", "true"}
-    bind0 = "bind0" in parse_adopt(adopt_raw(config))
+    settings = leases.settings
+    bind0, audit = "bind0" in settings.adopt, settings.audit
     if not (bind0 or audit):
         return
 

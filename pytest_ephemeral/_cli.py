@@ -19,13 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ._configfile import addopts_layer, config_file_layer, project_config
 from ._errors import ConfigError, EphemeralError, LockDirError
 from ._holder import printable
-from ._lockdir import default_lock_dir, explain
+from ._lockdir import explain
 from ._portmap import Row, axis_low, draw
-from ._ranges import IANA_DYNAMIC, derive_auto, format_spans, normalize, read_system_ports
-from ._settings import NAMES, Layer, Raw, Settings, env_layer, exclusions, resolve
+from ._ranges import IANA_DYNAMIC, format_spans, normalize
+from ._settings import LEASE_NAMES, NAMES, Settings
+from ._sources import add_options, load, options_layer, project_layers
 
 _LOCK_FILE = re.compile(r"(\d+)\.lock")
 
@@ -69,44 +69,20 @@ def live_leases(lock_dir: Path) -> list[dict[str, Any]]:
 
 
 class _Project:
-    """The settings a pytest run here would use, as given (``layers``) and where from."""
+    """The settings a pytest run here would use, and the config file they were read from."""
 
-    def __init__(self, args: argparse.Namespace, first: Layer) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         start = Path(os.path.abspath(os.path.expandvars(args.rootdir or os.curdir)))
         if not start.is_dir():
             raise ConfigError(f"directory {start} not found (--rootdir)")
-        self.config_file, section = project_config(start, args.config_file)
-        options, cleared = addopts_layer(
-            section, self.config_file, os.environ.get("PYTEST_ADDOPTS", "")
-        )
-        in_file = config_file_layer(self.config_file, section).items()
-        file_layer = {name: raw for name, raw in in_file if name not in cleared}
-        self.layers = ({**options, **first}, env_layer(os.environ), file_layer)
-
-    def pick(self, name: str) -> Raw | None:
-        return next((layer[name] for layer in self.layers if name in layer), None)
-
-    def lock_dir(self) -> tuple[Path | None, str]:
-        """The lock dir the layers name (None if the value is not a path), and where from."""
-        raw = self.pick("lock_dir")
-        if raw is None:
-            return Path(default_lock_dir()), "the default"
-        if not isinstance(raw.value, (str, os.PathLike)):
-            return None, raw.origin
-        return Path(os.path.abspath(os.fspath(raw.value))), raw.origin
-
-    def origin(self, name: str) -> str:
-        raw = self.pick(name)
-        return raw.origin if raw else "default"
-
-    def resolve(self) -> Settings:
-        """Resolve and check the settings as the plugin does (which creates nothing)."""
-        return resolve(*self.layers)
+        first = options_layer(args, NAMES)
+        self.config_file, layers = project_layers(first, start, args.config_file, os.environ)
+        self.settings: Settings = load(*layers)
 
 
 def _status(project: _Project, as_json: bool) -> int:
-    lock_dir = Path(project.resolve().lock_dir)
-    _, origin = project.lock_dir()
+    lock_dir = Path(project.settings.lock_dir)
+    origin = project.settings.origin("lock_dir")
     if not os.path.lexists(lock_dir):
         print(
             f"pytest-ephemeral: lock dir {lock_dir} (from {origin}) does not exist:"
@@ -159,27 +135,19 @@ def _warn(text: str) -> None:
     print(f"pytest-ephemeral: warning: {text}", file=sys.stderr)
 
 
-def _sources(project: _Project, settings: Settings, exclude: str) -> dict[str, dict[str, Any]]:
+def _listing(settings: Settings) -> dict[str, dict[str, Any]]:
     """Each setting as a run here would use it, and where that came from."""
-    values: dict[str, Any] = {
-        "port_range": str(settings.ports),
-        "exclude": exclude,
-        "lock_dir": settings.lock_dir,
-        "host": settings.host,
-        "timeout": settings.timeout,
-        "reuse_addr": settings.reuse_addr,
-    }
-    return {name: {"value": values[name], "origin": project.origin(name)} for name in NAMES}
+    return {name: {"value": settings.show(name), "origin": settings.origin(name)} for name in NAMES}
 
 
 def _range(project: _Project, as_json: bool) -> int:
-    settings = project.resolve()
-    system = read_system_ports()
-    exclude = exclusions(project.pick("exclude"))
-    auto = derive_auto(system, exclude)
+    settings = project.settings
+    system = settings.system
+    exclude = settings.exclude
+    auto = settings.auto()
     leases = live_leases(Path(settings.lock_dir))
     leased = [lease["port"] for lease in leases]
-    sources = _sources(project, settings, format_spans(exclude))
+    sources = _listing(settings)
     figures = {
         "range": format_spans(auto.spans),
         "size": len(auto),
@@ -213,11 +181,11 @@ def _range(project: _Project, as_json: bool) -> int:
         ),
         Row("reserved", system.reserved, f"{figures['reserved']} (never auto-assigned)", cyan),
         Row("excluded by OS", system.excluded, str(figures["os_excluded"]), red),
-        Row("excluded", exclude, f"{figures['excluded']} ({project.origin('exclude')})", red),
+        Row("excluded", exclude, f"{figures['excluded']} ({settings.origin('exclude')})", red),
         Row("auto range", auto.spans, f"{auto} ({auto.size})"),
     ]
-    if project.origin("port_range") != "default" and ports.spans != auto.spans:
-        rows.append(Row("port range", ports.spans, f"{ports} ({project.origin('port_range')})"))
+    if settings.origin("port_range") != "default" and ports.spans != auto.spans:
+        rows.append(Row("port range", ports.spans, f"{ports} ({settings.origin('port_range')})"))
     leased_spans = normalize((port, port) for port in leased)
     leased_text = f"{len(leased)} port{'s' * (len(leased) != 1)}"
     if leased:
@@ -293,36 +261,26 @@ def _parser() -> argparse.ArgumentParser:
         description="List the leases held right now in the lock dir a pytest run here would"
         " use: port, pid, host, worker, age, test. --json prints a list, one object each.",
     )
-    status.add_argument("--lock-dir", type=Path, help="read this lock dir instead")
-    commands.add_parser(
+    add_options(status, ["lock_dir"])
+    range_ = commands.add_parser(
         "range",
         parents=[where],
         help="show the ports a pytest run here would lease, and why",
         description="Show the port space, the ports a pytest run here would lease, the ports"
         " leased right now, and where each setting came from.",
     )
+    add_options(range_, LEASE_NAMES)
     # `run` parses its own arguments (pytest_ephemeral/_run.py): listed here for --help only.
     commands.add_parser("run", help="lease ports and run a command with them", add_help=False)
     return parser
 
 
-def _run(argv: Sequence[str]) -> int:
-    """``pytest-ephemeral run``, with the config file a pytest run here would read."""
-    from ._run import main as run
-
-    try:
-        config_file, section = project_config(Path.cwd(), None)
-        layer = config_file_layer(config_file, section)
-    except ConfigError as error:
-        print(f"pytest-ephemeral run: error: {error}", file=sys.stderr)
-        return 2
-    return run(argv, config=(layer,))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:
-        return _run(argv[1:])
+        from ._run import main as run
+
+        return run(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if sys.stdout is None:  # started with it closed (``>&-``): a listing nobody can read
@@ -332,10 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
         try:
-            first: Layer = {}
-            if getattr(args, "lock_dir", None) is not None:
-                first = {"lock_dir": Raw(str(args.lock_dir), "option --lock-dir")}
-            project = _Project(args, first)
+            project = _Project(args)
             command = _status if args.command == "status" else _range
             code = command(project, args.json)
         except ConfigError as error:

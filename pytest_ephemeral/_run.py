@@ -31,11 +31,13 @@ import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
 from ._errors import EphemeralError, PortsExhausted
-from ._settings import NAMES, Layer, Raw, env_layer, env_var
+from ._settings import LEASE_NAMES, ROWS, Layer
+from ._sources import add_options, load, options_layer, project_layers
 
 EX_USAGE = 2
 EX_OSERR = 71
@@ -104,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
             " replaced by them ({{port}} stands for the literal text {port})."
         ),
         epilog=(
-            "Each setting left out comes from its PYTEST_EPHEMERAL_* environment variable, then"
-            " the default. Exit status: COMMAND's own (128+N if it died of signal N); 2 for a"
-            " usage error; 75 when no ports could be leased in time (retry later); 126 or 127"
-            " when COMMAND cannot be run or is not found."
+            "Each setting left out is what a pytest run here would use: the project's addopts and"
+            " PYTEST_ADDOPTS, its PYTEST_EPHEMERAL_* environment variable, the project's config"
+            " file, then the default. Exit status: COMMAND's own (128+N if it died of signal N);"
+            " 2 for a usage error; 75 when no ports could be leased in time (retry later); 126 or"
+            " 127 when COMMAND cannot be run or is not found."
         ),
     )
     count = parser.add_mutually_exclusive_group()
@@ -130,25 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
             " LISTEN_PID and LISTEN_FDNAMES set as systemd's socket activation does (POSIX only)"
         ),
     )
-    meanings = {
-        "port_range": ("LOW-HIGH", "ports to lease from, or auto"),
-        "exclude": ("PORTS", "ports and LOW-HIGH ranges never to lease, comma separated"),
-        "lock_dir": ("DIR", "lock dir shared with the test runs"),
-        "host": ("ADDRESS", "local address ports are also bind-checked on"),
-        "timeout": ("SECONDS", "how long to wait while others hold every port"),
-        "reuse_addr": ("yes|no", "the command's servers set SO_REUSEADDR: TIME_WAIT ports may do"),
-    }
-    for name in NAMES:
-        metavar, meaning = meanings[name]
-        parser.add_argument(
-            _option(name), dest=name, metavar=metavar, help=f"{meaning} (${env_var(name)})"
-        )
+    add_options(parser, LEASE_NAMES)
     parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
-
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -170,17 +157,13 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, command
 
 
-def layers(
-    args: argparse.Namespace, environ: Mapping[str, str], config: Sequence[Layer] = ()
-) -> tuple[Layer, ...]:
-    """The settings' layers in precedence order: options, environment, then ``config`` (the
-    place for a config file's layer once the CLI reads one), then the defaults."""
-    given: Layer = {
-        name: Raw(value, f"option {_option(name)}")
-        for name in NAMES
-        if (value := getattr(args, name)) is not None
-    }
-    return (given, env_layer(environ), *config)
+def layers(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Layer, ...]:
+    """The settings' layers in precedence order: options, the project's ``addopts`` and
+    ``PYTEST_ADDOPTS``, the environment, the project's config file (found from the current
+    directory as pytest finds it), as for every caller (``_sources.project_layers``)."""
+    _, found = project_layers(options_layer(args, LEASE_NAMES), Path.cwd(), None, environ)
+    # Only what a lease takes: adopt and audit are settings of a pytest session.
+    return tuple({k: v for k, v in layer.items() if k in LEASE_NAMES} for layer in found)
 
 
 def expand(command: Sequence[str], ports: Sequence[int], *, listen: bool = False) -> list[str]:
@@ -245,8 +228,8 @@ def environment(
 def _exhausted(error: PortsExhausted) -> str:
     """What the core found, with advice in run's own terms."""
     error.advice = (
-        f"Widen the range (--port-range or ${env_var('port_range')}), lease fewer ports,"
-        f" wait longer (--timeout or ${env_var('timeout')}), or see who holds them with"
+        f"Widen the range (--port-range or ${ROWS['port_range'].env}), lease fewer ports,"
+        f" wait longer (--timeout or ${ROWS['timeout'].env}), or see who holds them with"
         " `pytest-ephemeral status`. Exit status 75: try again later."
     )
     return f"{PROG}: {error}"
@@ -389,17 +372,16 @@ def _start(
             sock.close()
 
 
-def main(argv: Sequence[str], *, config: Sequence[Layer] = ()) -> int:
-    """``pytest-ephemeral run ARGV``; ``config`` holds the config file's layer(s), if any."""
+def main(argv: Sequence[str]) -> int:
+    """``pytest-ephemeral run ARGV``."""
     from ._allocator import allocator_for, request_for  # imports filelock: only once needed
-    from ._settings import resolve
 
     args, command = parse(argv)
     n = args.block or args.ports or 1
     try:
         if args.listen:
             _check_listen(args.protocol)
-        settings = resolve(*layers(args, os.environ, config))
+        settings = load(*layers(args, os.environ))
         if n > len(settings.ports):
             raise UsageError(f"cannot lease {n} ports: {settings.ports} has {settings.ports.size}")
         # The placeholders are checked before anything is leased.
@@ -407,17 +389,17 @@ def main(argv: Sequence[str], *, config: Sequence[Layer] = ()) -> int:
         allocator = allocator_for(settings.lock_dir, settings.lock_dir_given)
     except (UsageError, ValueError) as error:  # ConfigError is a ValueError
         return _usage_error(error)
-    label = _label(command)
+    request = request_for(settings, args.protocol, label=_label(command))
     ports: list[int] = []
     sockets: list[socket.socket] = []
     try:
         try:
             for attempt in range(1, _LISTEN_ATTEMPTS + 1):
                 if args.block:
-                    ports = allocator.lease(request_for(settings, args.protocol, label=label), n)
+                    ports = allocator.lease(request, n)
                 else:
                     for _ in range(n):
-                        ports += allocator.lease(request_for(settings, args.protocol, label=label))
+                        ports += allocator.lease(request)
                 if not args.listen:
                     break
                 try:
@@ -438,7 +420,7 @@ def main(argv: Sequence[str], *, config: Sequence[Layer] = ()) -> int:
         except ValueError as error:  # a block longer than the range's longest run, say
             return _usage_error(error)
         except EphemeralError as error:  # the lock dir, or out of descriptors
-            error.advice = f"Choose another lock dir with --lock-dir or ${env_var('lock_dir')}."
+            error.advice = f"Choose another lock dir with --lock-dir or ${ROWS['lock_dir'].env}."
             print(f"{PROG}: {error}", file=sys.stderr)
             return EX_OSERR
         except OSError as error:
@@ -464,7 +446,6 @@ def _check_listen(protocol: str, os_name: str = os.name) -> None:
 
 
 def _usage_error(error: Exception) -> int:
-    # The core's messages name pytest's options; run's have the same names, unprefixed.
-    message = str(error).replace("--ephemeral-", "--")
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    # The message names run's own option, or the --ephemeral-* one in addopts it came from.
+    print(f"{PROG}: error: {error}", file=sys.stderr)
     return EX_USAGE

@@ -18,101 +18,50 @@ from uuid import uuid4
 import pytest
 
 from . import _adopt, _bind, _leases
+from ._current import Session, close_session, open_session
 from ._errors import ConfigError
 from ._holder import this_process
 from ._leases import PortFactory
-from ._settings import (
-    NAMES,
-    Layer,
-    Raw,
-    env_layer,
-    env_var,
-    pop_session_layers,
-    push_session_layers,
-    resolve,
-)
-
-_HELP = {
-    "port_range": "Ports to lease from: LOW-HIGH, or auto (the part of 49152-65535 the OS never"
-    " auto-assigns). Default: auto",
-    "exclude": "Ports never to lease: a comma list of ports and LOW-HIGH ranges",
-    "lock_dir": "Directory of the per-port lock files shared by all runs that must not clash."
-    " Default: /dev/shm/pytest-ephemeral-<uid> (or /tmp/...)",
-    "host": "Local address leased ports are bind-checked on, and free_socket binds to."
-    " Default: 127.0.0.1",
-    "timeout": "Seconds to wait for a port while other runs hold them all. Default: 10",
-    "reuse_addr": "yes if the servers under test set SO_REUSEADDR: a port left only in TIME_WAIT"
-    " by such a server may then be leased (Linux). Default: no",
-}
-_METAVAR = {
-    "port_range": "LOW-HIGH|auto",
-    "exclude": "SPEC",
-    "lock_dir": "PATH",
-    "host": "ADDRESS",
-    "timeout": "SECONDS",
-    "reuse_addr": "yes|no",
-}
-
-
-def _option(name: str) -> str:
-    return "--ephemeral-" + name.replace("_", "-")
+from ._settings import TABLE, Layer
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
     group = parser.getgroup("ephemeral", "leased network ports (pytest-ephemeral)")
-    for name in NAMES:
-        help_text = f"{_HELP[name]}. Environment variable: {env_var(name)}"
+    for row in TABLE:
         group.addoption(
-            _option(name), dest=f"ephemeral_{name}", metavar=_METAVAR[name], help=help_text
+            row.option, dest=f"ephemeral_{row.name}", metavar=row.metavar, help=row.option_help()
         )
-        # Registered so that --strict-config knows them; their values are read by _ini_layer.
-        parser.addini(f"ephemeral_{name}", _HELP[name], type="string", default=None)
-    group.addoption(_adopt.OPTION, dest="ephemeral_adopt", metavar="NAMES", help=_adopt.HELP)
-    parser.addini(_adopt.INI, _adopt.HELP, type="string", default=None)
+        # Registered so that --strict-config knows them; their values are read by _layers.
+        parser.addini(row.ini, f"{row.help} (default: {row.default})", type="string", default=None)
     pluginmanager.register(_adopt.RunParallelSetting(), "ephemeral-run-parallel")
 
 
-_OUTER_LAYERS = pytest.StashKey["tuple[Layer, ...] | None"]()
+_CURRENT = pytest.StashKey[Session]()
 
 
-def _cli_layer(config: pytest.Config) -> Layer:
-    """``--ephemeral-*`` options, then ``-o ephemeral_*`` ones: what the user typed wins."""
-    from ._configfile import override_layer
+def _layers(config: pytest.Config) -> tuple[Layer, ...]:
+    """The session's layers: command line (addopts and PYTEST_ADDOPTS merged in by pytest), -o,
+    environment, config file."""
+    from ._sources import plugin_layers
 
-    layer = dict(override_layer(config.option.override_ini))
-    for name in NAMES:
-        value = getattr(config.option, f"ephemeral_{name}", None)
-        if value is not None:
-            layer[name] = Raw(value, f"command-line option {_option(name)}")
-    return layer
-
-
-def _ini_layer(config: pytest.Config) -> Layer:
-    """The config file's ``ephemeral_*`` values, read as the CLI reads them: pytest's typed ini
-    values are strict both ways, and ``ephemeral_timeout = "3"`` or a list of exclusions in a
-    native ``[tool.pytest]`` table must work as well as in an ini file."""
-    from ._configfile import config_file_layer, override_layer, read_pytest_section
-
-    if config.inipath is None:
-        return {}
-    # Given with -o: in _cli_layer, or cleared by an empty -o ephemeral_X=, as pytest clears it
-    overridden = override_layer(config.option.override_ini, keep_empty=True)
-    layer = config_file_layer(config.inipath, read_pytest_section(config.inipath))
-    return {name: raw for name, raw in layer.items() if name not in overridden}
+    options = {row.name: getattr(config.option, f"ephemeral_{row.name}", None) for row in TABLE}
+    return plugin_layers(options, config.option.override_ini, os.environ, config.inipath)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if config.option.help or config.option.version:
         return  # the help that explains a bad setting must show despite it
+    from ._sources import load
+
     try:
-        layers = (_cli_layer(config), env_layer(os.environ), _ini_layer(config))
-        settings = resolve(*layers)
+        layers = _layers(config)
+        settings = load(*layers)
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
     workerinput = getattr(config, "workerinput", None) or {}
     holder = this_process(workerinput.get("workerid"), workerinput.get("testrunuid") or uuid4().hex)
     leases = _leases.start(config, settings, holder)
-    config.stash[_OUTER_LAYERS] = push_session_layers(layers)  # lease_port() here uses them
+    config.stash[_CURRENT] = open_session(Session(layers, settings))  # lease_port() here uses them
     _adopt.configure(config, leases)  # adapters for other port helpers (setting adopt)
     _bind.configure(config, leases)  # bind(0) leased (adapter bind0), fixed ports found (audit)
 
@@ -152,17 +101,27 @@ def pytest_terminal_summary(
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _leases.started(config):
-        pop_session_layers(config.stash[_OUTER_LAYERS])
+        close_session(config.stash[_CURRENT])
         _leases.finish(config)  # leases of a session cut short before its teardown
+
+
+#: Settings the header always shows in their own way (adopt: the adapters' own line).
+_IN_HEADER = ("port_range", "exclude", "lock_dir", "timeout", "adopt")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
     settings = _leases.leases_of(config).settings
     ports = settings.ports
     how = ports.origin + (f"; {ports.caveat}" if ports.caveat else "")
+    # The range (with its exclusions), lock dir and timeout always; the others when given.
+    others = "".join(
+        f", {row.name}: {settings.show(row.name)}"
+        for row in TABLE
+        if row.name in settings.given and row.name not in _IN_HEADER
+    )
     return (
         f"ephemeral ports: {ports} ({ports.size}; {how}), lock dir: {settings.lock_dir},"
-        f" timeout: {settings.timeout:g} s"
+        f" timeout: {settings.timeout:g} s{others}"
     )
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from pytest_ephemeral._lockdir import default_lock_dir
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
 from .helpers import Leaser
 
@@ -52,7 +53,7 @@ def _inner_runs_set_the_asyncio_loop_scope(request: pytest.FixtureRequest) -> No
 @pytest.fixture(scope="session")
 def band_allocator() -> Iterator[Leaser]:
     origin = "tests/conftest.py"
-    settings = resolve(
+    settings = load(
         {
             "port_range": Raw(PRIVATE_BAND, origin),
             "lock_dir": Raw(str(default_lock_dir()), origin),
@@ -104,9 +105,10 @@ def private_range(band_allocator: Leaser, tmp_path: Path) -> Iterator[MakeRange]
 HOLDER_SCRIPT = """
 import sys
 from pytest_ephemeral._allocator import allocator_for, request_for
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
-settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
+settings = load({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
 ports = allocator_for(settings.lock_dir).lease(request_for(settings), len(settings.ports))
 print(" ".join(map(str, ports)), flush=True)
 sys.stdin.read()  # hold the leases until killed

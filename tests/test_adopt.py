@@ -10,8 +10,7 @@ import textwrap
 import pytest
 
 from pytest_ephemeral import ConfigError
-from pytest_ephemeral._adopt import ADAPTERS, parse_adopt
-from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._settings import ADAPTERS, Raw, parse_adopt
 
 from .conftest import MakeRange
 
@@ -25,7 +24,6 @@ ALL = "pytest-asyncio, anyio, portpicker, port-for, aiohttp, bind0"
         ("all", set(ADAPTERS)),
         (" ALL ", set(ADAPTERS)),
         ("none", set()),
-        ("", set()),
         ("anyio", {"anyio"}),
         ("port-for, aiohttp,", {"port-for", "aiohttp"}),
     ],

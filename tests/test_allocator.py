@@ -19,7 +19,8 @@ import pytest
 from pytest_ephemeral import ConfigError, PortNotLeased, PortsExhausted
 from pytest_ephemeral._allocator import PortAllocator, request_for
 from pytest_ephemeral._lockfile import read_live_record
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
 from .conftest import MakeRange, PrivateRange
 from .helpers import Leaser
@@ -34,7 +35,7 @@ def allocator(private: PrivateRange, exclude: str = "", timeout: float = 0) -> L
     }
     if exclude:
         given["exclude"] = Raw(exclude, "test")
-    return Leaser(resolve(given))
+    return Leaser(load(given))
 
 
 class StartAt:
@@ -201,10 +202,11 @@ OUT_OF_DESCRIPTORS = """
 import errno, os, resource, sys
 from pytest_ephemeral import EphemeralError
 from pytest_ephemeral._allocator import allocator_for, request_for
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
 resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[4]), int(sys.argv[4])))
-settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
+settings = load({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
 allocator = allocator_for(settings.lock_dir)
 allocator.release(allocator.lease(request_for(settings))[0])  # the lock dir is prepared: open
 before = len(os.listdir("/proc/self/fd"))
@@ -317,7 +319,7 @@ def reusing(private: PrivateRange) -> Leaser:
         "timeout": Raw(0, "test"),
         "reuse_addr": Raw("yes", "test"),
     }
-    return Leaser(resolve(given))
+    return Leaser(load(given))
 
 
 LINUX_ONLY = pytest.mark.skipif(
@@ -364,9 +366,10 @@ def test_reuse_addr_still_refuses_listeners_and_bound_sockets(
 HOLD_ONE = """
 import sys, warnings
 from pytest_ephemeral._allocator import allocator_for, request_for
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
-settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
+settings = load({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
 allocator = allocator_for(settings.lock_dir)
 port = allocator.lease(request_for(settings))[0]
 print(port, flush=True)
@@ -446,12 +449,13 @@ def test_try_lease_tries_at_most_its_share_and_never_waits(private_range: MakeRa
 HELD_HERE = """
 import sys
 from pytest_ephemeral._allocator import allocator_for, held_here, request_for
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
 said = []
 leases = []
 for lock_dir in sys.argv[2:]:  # one port, leased in two lock dirs
-    settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(lock_dir, "argv")})
+    settings = load({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(lock_dir, "argv")})
     allocator = allocator_for(settings.lock_dir)
     leases.append((allocator, allocator.lease(request_for(settings))[0]))
 port = leases[0][1]

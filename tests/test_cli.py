@@ -482,3 +482,21 @@ def test_the_console_script_is_installed() -> None:
         [str(script), "range", "--json"], capture_output=True, text=True, timeout=60, check=True
     )
     assert json.loads(done.stdout)["dynamic"] == "49152-65535"
+
+
+@pytest.mark.parametrize("command", ["status", "range"])
+def test_an_empty_lock_dir_option_is_refused_naming_it(project: Path, command: str) -> None:
+    done = cli(command, "--lock-dir", "", cwd=project, check=False)
+    assert done.returncode == 2
+    assert done.stderr == (
+        "pytest-ephemeral: error: bad value '' from option --lock-dir: empty"
+        " (leave it out for the default)\n"
+    )
+
+
+def test_range_takes_the_lease_settings_as_options(project: Path) -> None:
+    (project / "pytest.ini").write_text("[pytest]\nephemeral_timeout = 9\n")
+    sources = range_json(project, "--timeout", "3", "--exclude", "61000")["sources"]
+    assert sources["timeout"] == {"value": 3.0, "origin": "option --timeout"}
+    assert sources["exclude"] == {"value": "61000", "origin": "option --exclude"}
+    assert sources["audit"] == {"value": "no", "origin": "default"}

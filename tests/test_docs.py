@@ -92,14 +92,11 @@ def test_every_document_is_read() -> None:
 def test_the_readme_has_the_settings_table() -> None:
     """README.md's configuration table (which the settings page includes) is the one the code
     renders from its settings table, so neither can drift from the other."""
-    from pytest_ephemeral import _settings
+    from pytest_ephemeral._settings import markdown_table
 
-    render = getattr(_settings, "markdown_table", None)
-    if render is None:  # comes with the settings table of 0.3
-        pytest.skip("pytest_ephemeral._settings has no markdown_table() yet")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = readme.split("<!-- settings-table -->\n", 1)[1].split("\n\n", 1)[0]
-    assert table.strip() == render().strip()
+    table = readme.split("<!-- settings-table -->\n", 1)[1].split("<!-- /settings-table -->", 1)[0]
+    assert table == markdown_table()
 
 
 def test_every_public_name_is_in_the_api_reference() -> None:

@@ -22,7 +22,8 @@ import pytest
 from pytest_ephemeral import LockDirError, PortsExhausted
 from pytest_ephemeral._lockdir import LockDir, default_lock_dir
 from pytest_ephemeral._lockfile import read_live_record
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
 from .conftest import MakeRange, PrivateRange
 from .helpers import Leaser
@@ -67,7 +68,7 @@ def leaser(private: PrivateRange, timeout: float = 0) -> Leaser:
         "lock_dir": Raw(str(private.lock_dir), "test"),
         "timeout": Raw(timeout, "test"),
     }
-    return Leaser(resolve(given))
+    return Leaser(load(given))
 
 
 @contextmanager
@@ -397,8 +398,9 @@ def test_a_vanished_lock_dir_is_recreated_and_held_ports_locked_again(
 TAKE_ONE = """
 import sys
 from pytest_ephemeral._allocator import allocator_for, request_for
-from pytest_ephemeral._settings import Raw, resolve
-settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
+settings = load({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(sys.argv[2], "argv")})
 print(allocator_for(settings.lock_dir).lease(request_for(settings))[0], flush=True)
 sys.stdin.read()
 """
@@ -433,14 +435,15 @@ import json, os, sys
 import pytest_ephemeral._allocator, pytest_ephemeral._api, pytest_ephemeral._leakcheck
 from pytest_ephemeral import ConfigError, PortsExhausted, lease_port
 from pytest_ephemeral._allocator import allocator_for, request_for
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
 os.setgroups([])
 os.setgid(65534)
 os.setuid(65534)  # from here on: nobody, without CAP_NET_BIND_SERVICE
 port_range, lock_dir = sys.argv[1], sys.argv[2]
 try:
-    settings = resolve({"port_range": Raw(port_range, "argv"), "lock_dir": Raw(lock_dir, "argv"),
+    settings = load({"port_range": Raw(port_range, "argv"), "lock_dir": Raw(lock_dir, "argv"),
                         "timeout": Raw(30, "argv")})
 except ConfigError as error:
     print(json.dumps({"config": str(error)}))
@@ -504,8 +507,9 @@ options = "size=64k,nr_inodes=4"
 subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", lock_dir], check=True)
 from pytest_ephemeral import LockDirError, lease_port
 from pytest_ephemeral._allocator import allocator_for, request_for
-from pytest_ephemeral._settings import Raw, resolve
-settings = resolve({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(lock_dir, "argv")})
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
+settings = load({"port_range": Raw(sys.argv[1], "argv"), "lock_dir": Raw(lock_dir, "argv")})
 allocator = allocator_for(settings.lock_dir)
 ports = []
 try:

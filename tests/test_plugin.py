@@ -11,7 +11,8 @@ import pytest
 
 from pytest_ephemeral import PortsExhausted
 from pytest_ephemeral._probe import ipv6_available
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
 from .conftest import Holder, MakeRange, PrivateRange
 from .helpers import Leaser, assert_no_shared_overlap, bind_fails, hold_tests, read_holds
@@ -150,7 +151,7 @@ def test_a_port_in_time_wait_is_never_leased(
 
 def _allocator(private: PrivateRange, timeout: float = 0) -> Leaser:
     return Leaser(
-        resolve(
+        load(
             {
                 "port_range": Raw(private.spec, "test"),
                 "lock_dir": Raw(str(private.lock_dir), "test"),

@@ -595,3 +595,25 @@ def test_listen_binds_the_configured_host(private_range: MakeRange, tmp_path: Pa
     private = private_range(2)
     seen = listened(private, tmp_path, "--ports", "2", "--host", "::1")
     assert [address for address, _, _ in seen["fds"].values()] == ["::1", "::1"]
+
+
+def test_an_empty_lock_dir_is_refused_naming_the_option() -> None:
+    done = run("--lock-dir", "", "--", "true")
+    assert done.returncode == 2
+    assert done.stderr == (
+        "pytest-ephemeral run: error: bad value '' from option --lock-dir: empty"
+        " (leave it out for the default)\n"
+    )
+
+
+def test_a_bad_value_in_the_project_s_addopts_is_blamed_on_it(tmp_path: Path) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = --ephemeral-timeout=soon\n")
+    done = subprocess.run(
+        [*RUN, "--", "true"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "pytest-ephemeral run: error: bad value 'soon' from command-line option"
+        " --ephemeral-timeout in addopts"
+        f" in config file {tmp_path / 'pytest.ini'}: not a number of seconds\n"
+    )

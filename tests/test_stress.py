@@ -28,11 +28,12 @@ TIMEOUT = 240.0
 ROUNDS_SCRIPT = """
 import errno, json, socket, sys, time
 from pytest_ephemeral._allocator import allocator_for, request_for
-from pytest_ephemeral._settings import Raw, resolve
+from pytest_ephemeral._settings import Raw
+from pytest_ephemeral._sources import load
 
 spec, lock_dir, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 layer = {"port_range": spec, "lock_dir": lock_dir, "timeout": 60}
-settings = resolve({k: Raw(v, "argv") for k, v in layer.items()})
+settings = load({k: Raw(v, "argv") for k, v in layer.items()})
 allocator = allocator_for(settings.lock_dir)
 print("ready", flush=True)
 sys.stdin.readline()

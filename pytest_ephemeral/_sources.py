@@ -1,26 +1,37 @@
-"""The config file a pytest run would read, and the ``ephemeral_*`` values in it and in ``-o``.
+"""The sources of the settings, read into layers in precedence order: one place for every caller.
 
-The file is found as pytest 9 finds it. From the start directory up to the file system root, each
-directory is looked at for, in order, ``pytest.toml``, ``.pytest.toml``, ``pytest.ini``,
+The plugin (``plugin_layers``): its command line (pytest has merged ``addopts`` and
+``PYTEST_ADDOPTS`` into it already), ``-o ephemeral_*``, the environment, the config file.
+``run``, ``status``, ``range`` and ``lease_port()`` outside a session (``project_layers``): their
+own options or arguments, then the ``--ephemeral-*`` and ``-o ephemeral_*`` options of the
+project's ``addopts`` and of ``PYTEST_ADDOPTS``, then the environment, then the config file.
+A value of only blanks in the config file, the environment or ``-o`` means the default: it is
+left out of its layer (and a blank ``-o`` hides the config file's value, as pytest's ``-o`` does).
+
+The config file is found as pytest 9 finds it. From the start directory up to the file system
+root, each directory is looked at for, in order, ``pytest.toml``, ``.pytest.toml``, ``pytest.ini``,
 ``.pytest.ini``, ``pyproject.toml``, ``tox.ini`` and ``setup.cfg``; the first that holds pytest
 configuration wins (the ``pytest.*`` files always do, even empty; ``pyproject.toml`` with a
 ``[tool.pytest]`` or ``[tool.pytest.ini_options]`` table; ``tox.ini`` with ``[pytest]``;
 ``setup.cfg`` with ``[tool:pytest]``). If none does, the first ``pyproject.toml`` met on the way is
 the config file, with nothing in it for pytest. ``-c FILE`` names the file instead.
 
-This lets ``pytest-ephemeral status`` and ``range`` use what a pytest run would, without pytest.
+This lets ``run``, ``status``, ``range`` and ``lease_port()`` use what a pytest run would,
+without pytest.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ._errors import ConfigError
-from ._settings import NAMES, Layer, Raw
+from ._ranges import read_system_ports
+from ._settings import NAMES, ROWS, Layer, Raw, Settings, resolve, verify
 
 #: The files pytest looks for in each directory, in the order it prefers them.
 CONFIG_NAMES = (
@@ -88,13 +99,27 @@ def config_file_layer(path: Path | None, section: Section | None) -> Layer:
         return {}
     layer = {}
     for name in NAMES:
-        value = section.get(f"ephemeral_{name}")
-        if value is None or value == "":
+        value = section.get(ROWS[name].ini)
+        if value is None or _blank(value):
             continue
         if name == "lock_dir" and isinstance(value, str):
-            value = os.path.join(os.path.dirname(os.path.abspath(path)), value)
-        layer[name] = Raw(value, f"ephemeral_{name} in config file {path}")
+            here = os.path.dirname(os.path.abspath(path))
+            value = os.path.join(here, os.path.expanduser(value))
+        layer[name] = Raw(value, f"{ROWS[name].ini} in config file {path}")
     return layer
+
+
+def env_layer(environ: Mapping[str, str]) -> Layer:
+    """The settings given by ``PYTEST_EPHEMERAL_*`` environment variables (blank ones are unset)."""
+    return {
+        name: Raw(environ[row.env], f"environment variable {row.env}")
+        for name, row in ROWS.items()
+        if not _blank(environ.get(row.env, ""))
+    }
+
+
+def _blank(value: object) -> bool:
+    return isinstance(value, str) and not value.strip()
 
 
 def override_layer(overrides: Iterable[str] | None, keep_empty: bool = False) -> Layer:
@@ -109,7 +134,7 @@ def override_layer(overrides: Iterable[str] | None, keep_empty: bool = False) ->
         name = key.removeprefix("ephemeral_")
         if equals and key.startswith("ephemeral_") and name in NAMES:
             layer[name] = Raw(value, f"command-line option -o {key}")
-    return {name: raw for name, raw in layer.items() if keep_empty or str(raw.value).strip()}
+    return {name: raw for name, raw in layer.items() if keep_empty or not _blank(raw.value)}
 
 
 def addopts_layer(
@@ -135,7 +160,7 @@ def addopts_layer(
             option, equals, value = arg.partition("=")
             if option.startswith("--ephemeral-"):
                 name = option.removeprefix("--ephemeral-").replace("-", "_")
-                if name in NAMES:
+                if name in ROWS:
                     value = value if equals else next(rest, "")
                     options[name] = Raw(value, f"command-line option {option} in {where}")
                 continue
@@ -147,7 +172,7 @@ def addopts_layer(
                 continue
             for name, raw in override_layer([override], keep_empty=True).items():
                 overrides[name] = Raw(raw.value, f"{raw.origin} in {where}")
-    cleared = {name for name, raw in overrides.items() if not str(raw.value).strip()}
+    cleared = {name for name, raw in overrides.items() if _blank(raw.value)}
     given = {name: raw for name, raw in overrides.items() if name not in cleared}
     return {**given, **options}, cleared
 
@@ -266,3 +291,72 @@ def project_config(start: Path, config_file: Path | None = None) -> tuple[Path |
             return path, {}
     section = read_pytest_section(path) if path is not None else None
     return path, section or {}
+
+
+# --- The layers of each caller ----------------------------------------------------------------
+
+
+def add_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """The options ``--<name>`` of the settings ``names``, from the table."""
+    for name in names:
+        row = ROWS[name]
+        parser.add_argument(
+            row.cli_option, dest=name, metavar=row.metavar, help=f"{row.help} (${row.env})"
+        )
+
+
+def options_layer(args: argparse.Namespace, names: Sequence[str]) -> Layer:
+    """The settings given by the options of ``add_options``."""
+    return {
+        name: Raw(value, f"option {ROWS[name].cli_option}")
+        for name in names
+        if (value := getattr(args, name, None)) is not None
+    }
+
+
+def plugin_layers(
+    options: Mapping[str, object],
+    overrides: Iterable[str] | None,
+    environ: Mapping[str, str],
+    config_file: Path | None,
+) -> tuple[Layer, ...]:
+    """A pytest session's layers: ``options`` (each setting's ``--ephemeral-*`` value, None if not
+    given), ``-o`` ``overrides``, the environment, the config file pytest read.
+
+    The config file is read here, not through pytest's typed ini values, which are strict both
+    ways: ``ephemeral_timeout = "3"`` or a list of exclusions in a native ``[tool.pytest]`` table
+    work as well as in an ini file.
+    """
+    given = {
+        name: Raw(value, f"command-line option {ROWS[name].option}")
+        for name, value in options.items()
+        if value is not None
+    }
+    # Given with -o, or cleared by a blank -o ephemeral_X=, as pytest clears it
+    overridden = override_layer(overrides, keep_empty=True)
+    in_file: Layer = {}
+    if config_file is not None:
+        in_file = config_file_layer(config_file, read_pytest_section(config_file))
+    file_layer = {name: raw for name, raw in in_file.items() if name not in overridden}
+    return given, override_layer(overrides), env_layer(environ), file_layer
+
+
+def project_layers(
+    first: Layer, start: Path, config_file: Path | None, environ: Mapping[str, str]
+) -> tuple[Path | None, tuple[Layer, ...]]:
+    """The config file a pytest run started in ``start`` would read (``config_file`` if given,
+    as ``-c``), and the layers of a caller outside pytest: ``first`` (its own options or
+    arguments), the project's ``addopts`` and ``PYTEST_ADDOPTS``, the environment, the file."""
+    path, section = project_config(start, config_file)
+    options, cleared = addopts_layer(section, path, environ.get("PYTEST_ADDOPTS", ""))
+    in_file = config_file_layer(path, section).items()
+    file_layer = {name: raw for name, raw in in_file if name not in cleared}
+    return path, (first, options, env_layer(environ), file_layer)
+
+
+def load(*layers: Layer) -> Settings:
+    """Resolve ``layers`` (first wins) with this machine's range data, and run the checks that
+    need sockets: what every caller does with the layers it read."""
+    settings = resolve(layers, read_system_ports())
+    verify(settings)
+    return settings

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import MakeRange
+
 ENV_RANGE = "PYTEST_EPHEMERAL_PORT_RANGE"
 #: pytest 9.0 added the native ``[tool.pytest]`` table; pytest 8.4, the declared floor, ignores it.
 NEEDS_NATIVE_TOML = pytest.mark.skipif(
@@ -345,3 +347,115 @@ def test_reuse_addr_takes_yes_or_no_from_every_source(
         )
     else:
         result.stdout.fnmatch_lines([f"reuse_addr={expected}"])
+
+
+# --- Blank values, ~, and the session handle ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["port_range", "exclude", "host", "timeout", "reuse_addr", "audit"]
+)
+def test_a_blank_value_in_the_config_file_or_o_means_the_default(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.delenv(ENV_RANGE)
+    run.makepyprojecttoml(f'[tool.pytest.ini_options]\nephemeral_{name} = "  "\n')
+    result = run.runpytest()
+    result.assert_outcomes(passed=1)
+    result = run.runpytest("-o", f"ephemeral_{name}= ")
+    result.assert_outcomes(passed=1)
+
+
+def test_a_blank_lock_dir_or_adopt_is_the_default_from_every_source(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_ephemeral._lockdir import default_lock_dir
+
+    monkeypatch.delenv("PYTEST_EPHEMERAL_LOCK_DIR")
+    run.makepyprojecttoml(
+        '[tool.pytest.ini_options]\nephemeral_lock_dir = "  "\nephemeral_adopt = "  "\n'
+    )
+    adapters = "ephemeral adapters: pytest-asyncio, anyio, portpicker, port-for, aiohttp, bind0"
+    for args in ([], ["-o", "ephemeral_adopt= ", "-o", "ephemeral_lock_dir=  "]):
+        result = run.runpytest(*args)
+        assert f"lock dir: {default_lock_dir()}," in header(result)
+        result.stdout.fnmatch_lines([adapters])
+    monkeypatch.setenv("PYTEST_EPHEMERAL_LOCK_DIR", "  ")
+    monkeypatch.setenv("PYTEST_EPHEMERAL_ADOPT", " ")
+    result = run.runpytest()
+    assert f"lock dir: {default_lock_dir()}," in header(result)
+    result.stdout.fnmatch_lines([adapters])
+    assert not (run.path / "  ").exists()
+
+
+def test_an_empty_lock_dir_option_is_a_usage_error_naming_it(run: pytest.Pytester) -> None:
+    result = run.runpytest("--ephemeral-lock-dir", "")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: bad value '' from command-line option --ephemeral-lock-dir: empty (leave it out*"]
+    )
+
+
+@NEEDS_NATIVE_TOML
+def test_a_native_toml_boolean_is_not_a_timeout(run: pytest.Pytester) -> None:
+    run.makepyprojecttoml("[tool.pytest]\nephemeral_timeout = true\n")
+    result = run.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: bad value True from ephemeral_timeout*not a number*"])
+    run.makepyprojecttoml("[tool.pytest]\nephemeral_timeout = 2\n")
+    assert header(run.runpytest()).endswith(", timeout: 2 s")
+
+
+def test_a_lock_dir_starting_with_tilde_is_in_the_home_directory(
+    run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(run.path / "home"))
+    monkeypatch.setenv("PYTEST_EPHEMERAL_LOCK_DIR", "~/locks")
+    home = os.path.expanduser("~")
+    assert f"lock dir: {os.path.join(home, 'locks')}," in header(run.runpytest())
+    monkeypatch.delenv("PYTEST_EPHEMERAL_LOCK_DIR")
+    run.makeini("[pytest]\nephemeral_lock_dir = ~/other\n")
+    assert f"lock dir: {os.path.join(home, 'other')}," in header(run.runpytest())
+    assert not (run.path / "~").exists()
+
+
+def test_the_audit_setting_is_a_yes_or_no_row(run: pytest.Pytester) -> None:
+    assert header(run.runpytest("--ephemeral-audit=yes")).endswith(", audit: yes")
+    result = run.runpytest("-o", "ephemeral_audit=maybe", "--strict-config")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: bad value 'maybe' from command-line option -o*not yes*"])
+
+
+def test_an_inner_session_s_settings_end_with_it(
+    pytester: pytest.Pytester, private_range: MakeRange
+) -> None:
+    from pytest_ephemeral._current import SESSION
+
+    outer = SESSION.session
+    private = private_range(2)
+    pytester.makepyfile(
+        f"""
+        from pytest_ephemeral import lease_port
+
+        def test_inner():
+            with lease_port() as port:
+                assert port in {private.ports}, port
+            with lease_port(port_range="{private.ports[0]}-{private.ports[0]}") as port:
+                assert port == {private.ports[0]}
+        """
+    )
+    pytester.runpytest_inprocess(*private.args, "-p", "no:xdist").assert_outcomes(passed=1)
+    assert SESSION.session is outer
+
+
+def test_sessions_may_end_in_any_order() -> None:
+    from pytest_ephemeral._current import SESSION, Session, close_session, open_session
+    from pytest_ephemeral._sources import load
+
+    outer = SESSION.session
+    first = open_session(Session((), load()))
+    second = open_session(Session((), load()))
+    close_session(first)  # a pytester config that outlives a session started after it
+    assert SESSION.session is second
+    close_session(second)
+    assert SESSION.session is outer
