@@ -235,7 +235,9 @@ class _Version(argparse.Action):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pytest-ephemeral", description="Leased network ports for tests: who holds what."
+        prog="pytest-ephemeral",
+        description="Leased network ports for tests: who holds which port (status), which ports"
+        " a pytest run here would lease (range), and leases for any other program (run).",
     )
     parser.add_argument("--version", action=_Version, help="print the installed version and exit")
     where = argparse.ArgumentParser(add_help=False)
@@ -271,7 +273,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_options(range_, LEASE_NAMES)
     # `run` parses its own arguments (pytest_ephemeral/_run.py): listed here for --help only.
-    commands.add_parser("run", help="lease ports and run a command with them", add_help=False)
+    commands.add_parser(
+        "run",
+        help="lease ports and run a command with them",
+        add_help=False,
+        usage="pytest-ephemeral run [options] -- COMMAND [ARG ...]",
+        description="Lease ports, run COMMAND with them and hold them until it exits. Its"
+        " options (--ports, --block, --protocol, --listen and one per lease setting) and exit"
+        " codes: pytest-ephemeral run --help.",
+    )
     return parser
 
 

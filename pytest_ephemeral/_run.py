@@ -106,11 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
             " replaced by them ({{port}} stands for the literal text {port})."
         ),
         epilog=(
-            "Each setting left out is what a pytest run here would use: the project's addopts and"
-            " PYTEST_ADDOPTS, its PYTEST_EPHEMERAL_* environment variable, the project's config"
-            " file, then the default. Exit status: COMMAND's own (128+N if it died of signal N);"
-            " 2 for a usage error; 75 when no ports could be leased in time (retry later); 126 or"
-            " 127 when COMMAND cannot be run or is not found."
+            "Each setting left out is what a pytest run started here would use: the"
+            " --ephemeral-* and -o ephemeral_* options in the project's addopts and in"
+            " PYTEST_ADDOPTS, then its PYTEST_EPHEMERAL_* environment variable, then the config"
+            " file pytest would find from the current directory, then the default. Exit status:"
+            " COMMAND's own (128+N if it died of signal N); 2 for a usage error (nothing is leased"
+            " or run); 71 when the lock dir cannot be used, or with --listen a socket cannot be"
+            " made; 75 when no ports could be leased in time, or with --listen a leased port"
+            " could not be bound (retry later); 126 when COMMAND cannot be run; 127 when it is"
+            " not found."
         ),
     )
     count = parser.add_mutually_exclusive_group()
