@@ -27,7 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ._errors import ConfigError, EphemeralError, LockDirError, PortNotLeased, PortsExhausted
+from ._errors import (
+    ConfigError,
+    ConfigTypeError,
+    EphemeralError,
+    LockDirError,
+    PortNotLeased,
+    PortsExhausted,
+)
 from ._holder import Holder, this_process
 from ._lockdir import LockDir
 from ._lockfile import (
@@ -481,7 +488,7 @@ class PortAllocator:
 
 def _check_block(n: int, ports: PortRange) -> None:
     if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"the number of ports must be an int, not {type(n).__name__}")
+        raise ConfigTypeError(f"the number of ports must be an int, not {type(n).__name__}")
     if n < 1:
         raise ConfigError(f"a block needs at least one port, not {n}")
     longest = ports.longest_run()

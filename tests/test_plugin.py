@@ -566,15 +566,15 @@ def test_bad_arguments_get_one_clear_sentence(pytester: pytest.Pytester) -> None
     pytester.makepyfile(
         """
         import pytest
-        from pytest_ephemeral import ConfigError
+        from pytest_ephemeral import ConfigError, ConfigTypeError, EphemeralError
 
         @pytest.mark.parametrize(
             ("call", "error", "message"),
             [
                 (lambda f: f(protocol="sctp"), ConfigError, "protocol must be 'tcp', 'udp' or"),
                 (lambda f: f(protocol="TCP"), ConfigError, "not 'TCP'"),
-                (lambda f: f.block(2.0), TypeError, "must be an int, not float"),
-                (lambda f: f.block("3"), TypeError, "must be an int, not str"),
+                (lambda f: f.block(2.0), ConfigTypeError, "must be an int, not float"),
+                (lambda f: f.block("3"), ConfigTypeError, "must be an int, not str"),
                 (lambda f: f.block(0), ConfigError, "at least one port, not 0"),
                 (lambda f: f.socket(protocol="both"), ConfigError, "'tcp' or 'udp', not 'both'"),
             ],
@@ -583,7 +583,9 @@ def test_bad_arguments_get_one_clear_sentence(pytester: pytest.Pytester) -> None
             with pytest.raises(error, match=message) as caught:
                 call(free_ports)
             assert "\\n" not in str(caught.value)
+            assert isinstance(caught.value, EphemeralError)
             assert isinstance(caught.value, ValueError) == (error is ConfigError)
+            assert isinstance(caught.value, TypeError) == (error is ConfigTypeError)
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:xdist", timeout=120)
