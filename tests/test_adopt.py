@@ -431,6 +431,33 @@ def test_originals_are_restored_after_the_session(
     assert "RESTORED" in done.stdout
 
 
+def test_a_session_inside_another_in_one_process_leases_through_its_own_patch(
+    pytester: pytest.Pytester, private_range: MakeRange
+) -> None:
+    """pytester's in-process runs nest one session in another: both wait for portpicker to be
+    imported (in a fresh process nothing has imported it yet), and the inner session's patch is
+    the one in force while it runs."""
+    private = private_range(1)
+    pytester.makepyfile(
+        test_outer=f'''
+        pytest_plugins = ["pytester"]
+
+        def test_inner_session(pytester):
+            pytester.makepyfile(
+                test_inner="""
+                def test_leased():
+                    import portpicker
+                    assert portpicker.pick_unused_port() == {private.ports[0]}
+                """
+            )
+            result = pytester.runpytest("-p", "no:xdist", *{private.args!r})
+            result.assert_outcomes(passed=1)
+        '''
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")  # fresh: portpicker not imported
+    result.assert_outcomes(passed=1)
+
+
 # --- threads: pytest-run-parallel -------------------------------------------------------------
 
 
