@@ -166,7 +166,8 @@ def test_adopt_none_leaves_the_original_fixtures(
             assert unused_tcp_port < 61000 or free_tcp_port < 61000  # the kernel's range
         """
     )
-    result = run_inline(pytester, "--ephemeral-adopt=none", *private.args)
+    # In a process of its own: in this one, this suite's session leases bind(0) (bind0) too.
+    result = pytester.runpytest_subprocess("--ephemeral-adopt=none", *private.args)
     result.assert_outcomes(passed=1)
 
 
