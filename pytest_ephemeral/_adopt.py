@@ -267,8 +267,13 @@ class _Patches(importlib.abc.MetaPathFinder):
             patch = self._waiting.get(fullname)
         if patch is None:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+        # Only the finders after this one: a session run in-process inside another (pytester's
+        # runpytest) has a finder of its own, waiting for the same names; each asking the other
+        # would recurse without end. The first asks the second, which finds the module.
+        finders = list(sys.meta_path)
+        after = finders.index(self) + 1 if self in finders else 0
+        for finder in finders[after:]:
+            if not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:

@@ -7,13 +7,36 @@ import itertools
 import socket
 import subprocess
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from pytest_ephemeral._allocator import PortAllocator, Stats, allocator_for, request_for
 from pytest_ephemeral._probe import Protocol
 from pytest_ephemeral._settings import Settings
+
+
+def run_inline(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """``pytester.runpytest(*args)`` in this process, under the warning filters a fresh
+    interpreter starts with, as an inner run in a subprocess has them: not under this suite's
+    ``error`` filter, which the inner session would otherwise inherit (a leak warning the inner
+    run should count would fail its test instead).
+
+    Inner code run this way shares this process: it must close every socket it opens by the end
+    of its session (after the leak check it is there to trigger), or later tests find the port
+    bound and the garbage collector warns in one of them.
+    """
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        for category in (ResourceWarning, ImportWarning, PendingDeprecationWarning):
+            warnings.simplefilter("ignore", category)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+        return pytester.runpytest(*args)
+
 
 #: Inner code (a test module or a script) starts with this: ``hold(port)`` binds a real listener
 #: (no SO_REUSEADDR) on the port, keeps it a few milliseconds, and appends "port start end" to

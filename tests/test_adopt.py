@@ -13,6 +13,7 @@ from pytest_ephemeral import ConfigError
 from pytest_ephemeral._settings import ADAPTERS, Raw, parse_adopt
 
 from .conftest import MakeRange
+from .helpers import run_inline
 
 ALL = "pytest-asyncio, anyio, portpicker, port-for, aiohttp, bind0"
 # --- the setting ------------------------------------------------------------------------------
@@ -61,7 +62,7 @@ def test_an_unknown_adapter_is_a_usage_error_naming_its_source(
     else:
         pytester.makeini("[pytest]\nephemeral_adopt = asyncio\n")
     pytester.makepyfile("def test_nothing(): pass")
-    result = pytester.runpytest_subprocess(*args)
+    result = run_inline(pytester, *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: bad value 'asyncio' from {source}*unknown adapter*"])
 
@@ -78,7 +79,7 @@ def test_header_names_the_active_adapters(
     pytester: pytest.Pytester, args: list[str], header: str
 ) -> None:
     pytester.makepyfile("def test_nothing(): pass")
-    result = pytester.runpytest_subprocess(*args)
+    result = run_inline(pytester, *args)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"ephemeral adapters: {header}"])
 
@@ -134,7 +135,7 @@ def test_fixture_adapters_win_whatever_the_load_order(
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     pytester.makepyfile(FIXTURE_TESTS)
     plugins = [arg for name in [*order, "xdist.plugin"] for arg in ("-p", name)]
-    result = pytester.runpytest_subprocess(*plugins, *private.args)
+    result = run_inline(pytester, *plugins, *private.args)
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["ephemeral adapters: pytest-asyncio, anyio, *"])
 
@@ -150,7 +151,7 @@ def test_fixture_adapters_under_xdist_and_without(
     monkeypatch.setenv("LOW", str(private.ports[0]))
     monkeypatch.setenv("HIGH", str(private.ports[-1]))
     pytester.makepyfile(FIXTURE_TESTS)
-    result = pytester.runpytest_subprocess(*mode, *private.args)
+    result = run_inline(pytester, *mode, *private.args)
     result.assert_outcomes(passed=2)
 
 
@@ -165,6 +166,7 @@ def test_adopt_none_leaves_the_original_fixtures(
             assert unused_tcp_port < 61000 or free_tcp_port < 61000  # the kernel's range
         """
     )
+    # In a process of its own: in this one, this suite's session leases bind(0) (bind0) too.
     result = pytester.runpytest_subprocess("--ephemeral-adopt=none", *private.args)
     result.assert_outcomes(passed=1)
 
@@ -190,7 +192,7 @@ def test_a_conftest_fixture_of_the_same_name_wins(pytester: pytest.Pytester) -> 
             assert free_tcp_port_factory() == 4321
         """
     )
-    result = pytester.runpytest_subprocess("-n", "2")
+    result = run_inline(pytester, "-n", "2")
     result.assert_outcomes(passed=1)
 
 
@@ -219,8 +221,8 @@ def test_function_leases_end_at_teardown_and_factory_leases_at_session_end(
                 unused_udp_port_factory()
         """
     )
-    result = pytester.runpytest_subprocess(
-        "-p", "no:xdist", "-p", "no:randomly", "--ephemeral-timeout=0", *private.args
+    result = run_inline(
+        pytester, "-p", "no:xdist", "-p", "no:randomly", "--ephemeral-timeout=0", *private.args
     )
     result.assert_outcomes(passed=6)
 
@@ -234,13 +236,17 @@ def test_a_fixture_adapter_port_left_in_use_warns(
         import socket
         LEFT = []
 
+        def teardown_module():  # after the test's leak check
+            for sock in LEFT:
+                sock.close()
+
         def test_leaks(free_udp_port):
             sock = socket.socket(type=socket.SOCK_DGRAM)
             sock.bind(("127.0.0.1", free_udp_port))
             LEFT.append(sock)
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args)
+    result = run_inline(pytester, "-p", "no:xdist", *private.args)
     result.assert_outcomes(passed=1, warnings=1)
     result.stdout.fnmatch_lines(["*EphemeralPortWarning: port * is still*"])
 
@@ -292,7 +298,11 @@ def test_library_adapters_lease_in_every_process(
     monkeypatch.setenv("HIGH", str(private.ports[-1]))
     pytester.makepyfile(LIBRARY_TESTS)
     no_servers = ["-p", "no:pytest_postgresql", "-p", "no:pytest_redis"]
-    result = pytester.runpytest_subprocess(*mode, *no_servers, "-p", "no:randomly", *private.args)
+    args = [*mode, *no_servers, "-p", "no:randomly", *private.args]
+    if "no:xdist" in mode:  # the tests run in the inner session's process: it must be fresh
+        result = pytester.runpytest_subprocess(*args)
+    else:
+        result = run_inline(pytester, *args)
     result.assert_outcomes(passed=2)
 
 
@@ -308,7 +318,7 @@ def test_a_copy_made_before_the_session_is_replaced_too(
             assert aiohttp_unused_port() in {private.ports!r}
         """
     )
-    result = pytester.runpytest_subprocess("-p", "aiohttp.pytest_plugin", *private.args)
+    result = run_inline(pytester, "-p", "aiohttp.pytest_plugin", *private.args)
     result.assert_outcomes(passed=1)
 
 
@@ -348,8 +358,8 @@ def test_library_ports_last_as_long_as_the_scope_that_asked(
             assert portpicker.pick_unused_port() == port
         """
     pytester.makepyfile(test_one=common, test_two=common)
-    result = pytester.runpytest_subprocess(
-        "-p", "no:xdist", "-p", "no:randomly", "--ephemeral-timeout=0", *private.args
+    result = run_inline(
+        pytester, "-p", "no:xdist", "-p", "no:randomly", "--ephemeral-timeout=0", *private.args
     )
     result.assert_outcomes(passed=4)
 
@@ -378,7 +388,7 @@ def test_restrictions_are_honoured(pytester: pytest.Pytester, private_range: Mak
             assert first == {inside.ports[1]}
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", "--ephemeral-timeout=0", *inside.args)
+    result = run_inline(pytester, "-p", "no:xdist", "--ephemeral-timeout=0", *inside.args)
     result.assert_outcomes(passed=2)
 
 
@@ -431,6 +441,33 @@ def test_originals_are_restored_after_the_session(
     assert "RESTORED" in done.stdout
 
 
+def test_a_session_inside_another_in_one_process_leases_through_its_own_patch(
+    pytester: pytest.Pytester, private_range: MakeRange
+) -> None:
+    """pytester's in-process runs nest one session in another: both wait for portpicker to be
+    imported (in a fresh process nothing has imported it yet), and the inner session's patch is
+    the one in force while it runs."""
+    private = private_range(1)
+    pytester.makepyfile(
+        test_outer=f'''
+        pytest_plugins = ["pytester"]
+
+        def test_inner_session(pytester):
+            pytester.makepyfile(
+                test_inner="""
+                def test_leased():
+                    import portpicker
+                    assert portpicker.pick_unused_port() == {private.ports[0]}
+                """
+            )
+            result = pytester.runpytest("-p", "no:xdist", *{private.args!r})
+            result.assert_outcomes(passed=1)
+        '''
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")  # fresh: portpicker not imported
+    result.assert_outcomes(passed=1)
+
+
 # --- threads: pytest-run-parallel -------------------------------------------------------------
 
 
@@ -459,7 +496,7 @@ def test_run_parallel_one_port_fixtures_run_in_one_thread(pytester: pytest.Pytes
             listen(free_tcp_port)
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", "--parallel-threads=4", "-v")
+    result = run_inline(pytester, "-p", "no:xdist", "--parallel-threads=4", "-v")
     result.assert_outcomes(passed=4)
     result.stdout.fnmatch_lines(
         ["*::test_free_port was not run in parallel: uses thread-unsafe fixture(s): {'free_port'}"]
@@ -485,7 +522,7 @@ def test_run_parallel_keeps_the_projects_own_thread_unsafe_fixtures(
             pass
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", "--parallel-threads=4", "-v")
+    result = run_inline(pytester, "-p", "no:xdist", "--parallel-threads=4", "-v")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines_random(
         [
@@ -493,7 +530,7 @@ def test_run_parallel_keeps_the_projects_own_thread_unsafe_fixtures(
             "*::test_port was not run in parallel: uses thread-unsafe fixture(s): {'free_port'}",
         ]
     )
-    without = pytester.runpytest_subprocess("-p", "no:xdist", "-p", "no:run-parallel")
+    without = run_inline(pytester, "-p", "no:xdist", "-p", "no:run-parallel")
     without.assert_outcomes(passed=2)  # no setting to add to: nothing to do
 
 
@@ -520,7 +557,5 @@ def test_run_parallel_factory_methods_are_safe_from_many_threads(
             assert len(set(LEASED)) == len(LEASED)
         """
     )
-    result = pytester.runpytest_subprocess(
-        "-p", "no:xdist", "-p", "no:randomly", "--parallel-threads=8"
-    )
+    result = run_inline(pytester, "-p", "no:xdist", "-p", "no:randomly", "--parallel-threads=8")
     result.assert_outcomes(passed=2)

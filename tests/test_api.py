@@ -18,7 +18,7 @@ from pytest_ephemeral import ConfigError, PortsExhausted, lease_block, lease_por
 from pytest_ephemeral._probe import ipv6_available
 
 from .conftest import MakeRange
-from .helpers import HOLD, assert_no_shared_overlap, hold_tests, read_holds
+from .helpers import HOLD, assert_no_shared_overlap, hold_tests, read_holds, run_inline
 
 SOCKET_TESTS = """
 import os
@@ -56,7 +56,7 @@ def test_free_socket_under_xdist(
     monkeypatch.setenv("HOLDS_FILE", str(holds_file))
     private = private_range(8)  # 120 tests on 8 ports: each port is handed out many times
     pytester.makepyfile(SOCKET_TESTS)
-    result = pytester.runpytest_subprocess("-n", "4", *private.args, timeout=300)
+    result = run_inline(pytester, "-n", "4", *private.args)
     result.assert_outcomes(passed=120)
     holds = read_holds(holds_file)
     assert {port for port, _, _ in holds} <= set(private.ports)
@@ -92,7 +92,7 @@ def test_closing_free_socket_early_keeps_the_lease_until_teardown(
             assert live(port)["nodeid"] == request.node.nodeid
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist", *private.args)
     result.assert_outcomes(passed=1)
 
 
@@ -124,7 +124,7 @@ def test_port_factory_socket(pytester: pytest.Pytester, private_range: MakeRange
             port_factory.block(1)
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist", *private.args)
     result.assert_outcomes(passed=2)
 
 
@@ -292,12 +292,12 @@ def test_a_port_locked_by_an_external_flock_is_never_leased(
     ) as holder:
         assert holder.stdout is not None
         assert holder.stdout.readline() == "held\n"
-        while_held = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+        while_held = run_inline(pytester, "-p", "no:xdist", *private.args)
         holder.communicate("done\n", timeout=60)
     while_held.assert_outcomes(passed=6)
     assert set(holds_file.read_text().split()) == {str(other)}
     holds_file.unlink()
-    after = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    after = run_inline(pytester, "-p", "no:xdist", *private.args)
     after.assert_outcomes(passed=6)
     assert set(holds_file.read_text().split()) == {str(kept), str(other)}
 

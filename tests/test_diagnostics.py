@@ -20,7 +20,7 @@ from pytest_ephemeral._leakcheck import _tcp_use_by_connecting, local_port_state
 from pytest_ephemeral._probe import Targets, bind_targets, ipv6_available
 
 from .conftest import Holder, MakeRange, PrivateRange
-from .helpers import Leaser
+from .helpers import Leaser, run_inline
 
 #: An inner test that leases ports, announces them in $READY_FILE, and holds them until
 #: $GO_FILE exists (a real condition, polled with a bound).
@@ -131,9 +131,8 @@ def test_exhaustion_lists_the_holders_in_another_run(
     private = private_range(3)
     with gated_run(pytester, private, 3, monkeypatch) as (process, ports, _):
         pytester.makepyfile(test_wants_one="def test_wants_one(free_port): pass")
-        result = pytester.runpytest_subprocess(
-            "-p", "no:xdist", *private.args, "--ephemeral-timeout=0.3", "test_wants_one.py"
-        )
+        args = [*private.args, "--ephemeral-timeout=0.3", "test_wants_one.py"]
+        result = run_inline(pytester, "-p", "no:xdist", *args)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
         [
@@ -193,7 +192,7 @@ def test_closes_properly_leaving_time_wait(free_port):
 
 def test_leaked_servers_warn_and_time_wait_does_not(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_leaks=LEAK_TESTS)
-    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result = run_inline(pytester, "-p", "no:xdist")
     result.assert_outcomes(passed=3, warnings=2)
     result.stdout.fnmatch_lines(
         [
@@ -213,8 +212,8 @@ def test_leaked_servers_warn_and_time_wait_does_not(pytester: pytest.Pytester) -
 
 def test_leak_warning_can_be_made_an_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_leaks=LEAK_TESTS)
-    result = pytester.runpytest_subprocess(
-        "-p", "no:xdist", "-W", "error::pytest_ephemeral.EphemeralPortWarning"
+    result = run_inline(
+        pytester, "-p", "no:xdist", "-W", "error::pytest_ephemeral.EphemeralPortWarning"
     )
     # The listener's lease ends at teardown: an error there. The UDP one is released in the test.
     result.assert_outcomes(passed=2, failed=1, errors=1)
@@ -232,10 +231,10 @@ def test_summary_adds_up_both_workers(pytester: pytest.Pytester) -> None:
             port_factory()
         """
     )
-    quiet = pytester.runpytest_subprocess("-n", "2")
+    quiet = run_inline(pytester, "-n", "2")
     quiet.assert_outcomes(passed=20)
     assert not [line for line in quiet.outlines if " leased, " in line]
-    result = pytester.runpytest_subprocess("-n", "2", "-v")
+    result = run_inline(pytester, "-n", "2", "-v")
     result.assert_outcomes(passed=20)
     assert "[gw0]" in result.stdout.str()
     assert "[gw1]" in result.stdout.str()
@@ -256,7 +255,7 @@ def test_summary_survives_a_crashed_worker(pytester: pytest.Pytester) -> None:
             os._exit(1)
         """
     )
-    result = pytester.runpytest_subprocess("-n", "2", "-v")
+    result = run_inline(pytester, "-n", "2", "-v")
     result.assert_outcomes(passed=6, failed=1)
     # The surviving worker's leases are counted (at least one); the crashed one's are lost.
     result.stdout.re_match_lines([r"ephemeral ports: [1-7] leased, "])
@@ -401,8 +400,8 @@ def test_a_holder_without_a_record_is_listed_without_details(
             timeout=60,
             check=True,
         ).stdout.splitlines()
-        result = pytester.runpytest_subprocess(
-            "-p", "no:xdist", *private.args, "--ephemeral-timeout=0.2", "-W", "error"
+        result = run_inline(
+            pytester, "-p", "no:xdist", *private.args, "--ephemeral-timeout=0.2", "-W", "error"
         )
         holder.communicate("done\n", timeout=60)
     assert leases == [

@@ -26,7 +26,7 @@ from pytest_ephemeral._settings import Raw
 from pytest_ephemeral._sources import load
 
 from .conftest import MakeRange, PrivateRange
-from .helpers import Leaser
+from .helpers import Leaser, run_inline
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32", reason="POSIX lock dir checks: modes, uids, FIFOs, symlinks"
@@ -131,9 +131,7 @@ def test_a_bad_lock_dir_fails_only_the_tests_that_lease(
     make, reason = BAD_DIRS[case]
     lock_dir = make(tmp_path)
     pytester.makepyfile(LEASING_TESTS)
-    result = pytester.runpytest_subprocess(
-        "-p", "no:xdist", f"--ephemeral-lock-dir={lock_dir}", timeout=120
-    )
+    result = run_inline(pytester, "-p", "no:xdist", f"--ephemeral-lock-dir={lock_dir}")
     result.assert_outcomes(passed=1, errors=1, failed=1)  # the run goes on: exit 1, not 4
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines([f"ephemeral ports: *, lock dir: {lock_dir}, timeout: *"])
@@ -250,7 +248,7 @@ def test_a_squatted_default_lock_dir_fails_only_leases(pytester: pytest.Pytester
 
 def test_a_blank_lock_dir_on_the_command_line_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
-    result = pytester.runpytest_subprocess("-p", "no:xdist", "--ephemeral-lock-dir= ", timeout=60)
+    result = run_inline(pytester, "-p", "no:xdist", "--ephemeral-lock-dir= ")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
         ["ERROR: bad value ' ' from command-line option --ephemeral-lock-dir: empty*"]
@@ -262,7 +260,7 @@ def test_a_blank_lock_dir_in_the_environment_means_the_default(
 ) -> None:
     monkeypatch.setenv("PYTEST_EPHEMERAL_LOCK_DIR", "  ")
     pytester.makepyfile("def test_nothing(): pass")
-    result = pytester.runpytest_subprocess("-p", "no:xdist", timeout=60)
+    result = run_inline(pytester, "-p", "no:xdist")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([f"*lock dir: {default_lock_dir()}, timeout: *"])
 

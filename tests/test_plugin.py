@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import textwrap
@@ -15,7 +16,14 @@ from pytest_ephemeral._settings import Raw
 from pytest_ephemeral._sources import load
 
 from .conftest import Holder, MakeRange, PrivateRange
-from .helpers import Leaser, assert_no_shared_overlap, bind_fails, hold_tests, read_holds
+from .helpers import (
+    Leaser,
+    assert_no_shared_overlap,
+    bind_fails,
+    hold_tests,
+    read_holds,
+    run_inline,
+)
 
 NEEDS_IPV6 = pytest.mark.skipif(not ipv6_available(), reason="IPv6 is off on this machine")
 XDIST_MODES = [["-n", "4"], ["-n", "2"], ["-p", "no:xdist"]]
@@ -35,7 +43,7 @@ def test_concurrent_holds_never_share_a_port(
     """Eight ports for up to four workers: without the locks, holds would overlap."""
     private = private_range(8)
     pytester.makepyfile(hold_tests(120))
-    result = pytester.runpytest_subprocess(*mode, *private.args, timeout=300)
+    result = run_inline(pytester, *mode, *private.args)
     result.assert_outcomes(passed=120)
     holds = read_holds(holds_file)
     assert len(holds) == 120
@@ -48,7 +56,7 @@ def test_a_narrow_range_is_shared_in_turn_under_xdist(
     """Six ports for 120 tests on 4 workers: ports are reused, never at the same time."""
     private = private_range(6)
     pytester.makepyfile(hold_tests(120))
-    result = pytester.runpytest_subprocess("-n", "4", *private.args, timeout=300)
+    result = run_inline(pytester, "-n", "4", *private.args)
     result.assert_outcomes(passed=120)
     holds = read_holds(holds_file)
     assert {port for port, _, _ in holds} <= set(private.ports)
@@ -107,7 +115,7 @@ def test_a_port_bound_by_another_program_is_never_leased(
     taken = private.ports[1]
     pytester.makepyfile(_lease_all_tests(2, protocol))
     with _bound(family, kind, host, taken):
-        result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+        result = run_inline(pytester, "-p", "no:xdist", *private.args)
     result.assert_outcomes(passed=1)
     assert sorted(map(int, holds_file.read_text().split())) == [private.ports[0], private.ports[2]]
 
@@ -119,7 +127,7 @@ def test_tcp_and_udp_are_separate_port_spaces(
     private = private_range(1)
     pytester.makepyfile(_lease_all_tests(1, "tcp"))
     with _bound(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1", private.ports[0]):
-        result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+        result = run_inline(pytester, "-p", "no:xdist", *private.args)
     result.assert_outcomes(passed=1)
     assert holds_file.read_text() == str(private.ports[0])
 
@@ -144,7 +152,7 @@ def test_a_port_in_time_wait_is_never_leased(
     _time_wait_on(waiting)
     assert bind_fails(waiting), "precondition: the port is in TIME_WAIT"
     pytester.makepyfile(_lease_all_tests(2))
-    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist", *private.args)
     result.assert_outcomes(passed=1)
     assert sorted(map(int, holds_file.read_text().split())) == private.ports[1:]
 
@@ -172,7 +180,7 @@ def test_leases_of_a_killed_process_vanish_with_it(
     process.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no cleanup either way
     assert process.wait(timeout=30) != 0
     pytester.makepyfile(_lease_all_tests(3))
-    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist", *private.args)
     result.assert_outcomes(passed=1)
     assert sorted(map(int, holds_file.read_text().split())) == private.ports
 
@@ -199,9 +207,7 @@ def test_exhaustion_waits_for_the_timeout_then_names_the_range(
         def test_one(timed): pass
         """
     )
-    result = pytester.runpytest_subprocess(
-        "-p", "no:xdist", "-s", *private.args, "--ephemeral-timeout=0.5", timeout=120
-    )
+    result = run_inline(pytester, "-p", "no:xdist", "-s", *private.args, "--ephemeral-timeout=0.5")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*waited 0.* s"])
     result.stdout.fnmatch_lines(
@@ -232,9 +238,7 @@ def test_exhaustion_by_this_process_fails_at_once(
             assert time.monotonic() - started < 5  # the timeout is 60 s: no waiting happened
         """
     )
-    result = pytester.runpytest_subprocess(
-        "-p", "no:xdist", *private.args, "--ephemeral-timeout=60", timeout=120
-    )
+    result = run_inline(pytester, "-p", "no:xdist", *private.args, "--ephemeral-timeout=60")
     result.assert_outcomes(passed=1)
 
 
@@ -268,7 +272,7 @@ def test_port_factory_api(pytester: pytest.Pytester, private_range: MakeRange) -
             assert isinstance(caught.value, ValueError)
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist", *private.args)
     result.assert_outcomes(passed=2)
 
 
@@ -293,13 +297,13 @@ def test_free_port_is_released_after_the_fixtures_using_it(
             assert server.getsockname()[1] > 0
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist", *private.args)
     result.assert_outcomes(passed=3, warnings=0)  # the socket was closed before the leak check
 
 
 def test_report_header_and_fixture_docs(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
-    result = pytester.runpytest_subprocess("-p", "no:xdist", "--fixtures", timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist", "--fixtures")
     result.stdout.fnmatch_lines(
         [
             "ephemeral ports: 61000-64999 (4000 ports; set by environment variable"
@@ -326,7 +330,7 @@ def test_auto_avoids_the_range_the_kernel_auto_assigns(
     low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     monkeypatch.delenv("PYTEST_EPHEMERAL_PORT_RANGE")
     pytester.makepyfile("def test_nothing(): pass")
-    result = pytester.runpytest_subprocess("-p", "no:xdist", timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist")
     header = next(line for line in result.outlines if line.startswith("ephemeral ports: "))
     spans = header.split()[2].split(",")
     for span in spans:
@@ -340,7 +344,7 @@ def test_auto_avoids_the_range_the_kernel_auto_assigns(
 
 def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_port(free_port): pass")
-    result = pytester.runpytest_subprocess("-p", "no:ephemeral", "-p", "no:xdist", timeout=120)
+    result = run_inline(pytester, "-p", "no:ephemeral", "-p", "no:xdist")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'free_port' not found*"])
     assert "ephemeral ports:" not in result.stdout.str()
@@ -353,6 +357,13 @@ import socket
 import pytest
 
 KEEP = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_at_the_very_end():  # set up first, so torn down after port_factory's leak check
+    yield
+    for sock in KEEP:
+        sock.close()
 
 
 def leak_udp(port):
@@ -384,9 +395,7 @@ def test_session_end_leaks_land_on_who_leased_never_on_an_innocent_test(
     pytester: pytest.Pytester, mode: list[str]
 ) -> None:
     pytester.makepyfile(test_leaks=LEAKY_SESSION)
-    result = pytester.runpytest_subprocess(
-        *mode, "-v", "-W", "error::pytest_ephemeral.EphemeralPortWarning", timeout=120
-    )
+    result = run_inline(pytester, *mode, "-v", "-W", "error::pytest_ephemeral.EphemeralPortWarning")
     result.assert_outcomes(passed=3, warnings=2)  # no test failed, though warnings are errors
     out = result.stdout.str()
     summary = out[out.index("warnings summary") :]
@@ -427,11 +436,20 @@ def server(free_port):
     threading.Thread(target=stop_a_moment_later).start()
 
 
+LEFT_OPEN = []
+
+
+def teardown_module():
+    for sock in LEFT_OPEN:
+        sock.close()
+
+
 @pytest.fixture
 def leaked(free_port):
     listener = socket.create_server(("127.0.0.1", free_port))
+    LEFT_OPEN.append(listener)
     yield listener
-    # never closed before the lease ends: a real leak
+    # not closed before the lease ends (only at the end of the module): a real leak
 
 
 @pytest.mark.parametrize("i", range(20))
@@ -446,7 +464,7 @@ def test_really_leaks(leaked):
 
 def test_a_listener_already_closing_is_not_called_a_leak(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(SLOW_TO_STOP)
-    result = pytester.runpytest_subprocess("-p", "no:xdist", timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist")
     result.assert_outcomes(passed=21, warnings=1)
     result.stdout.fnmatch_lines(["*port *, leased by *test_really_leaks, is still listening*"])
 
@@ -464,6 +482,11 @@ def test_free_ports_leases_for_one_test(pytester: pytest.Pytester, monkeypatch: 
         from pytest_ephemeral._lockfile import read_live_record
 
         HELD = []
+        LEFT_OPEN = []
+
+        def teardown_module():
+            for sock in LEFT_OPEN:
+                sock.close()
 
         @pytest.fixture
         def released_after():  # set up first, so torn down after free_ports
@@ -498,7 +521,7 @@ def test_free_ports_leases_for_one_test(pytester: pytest.Pytester, monkeypatch: 
         def test_leaks_are_this_tests(free_ports):
             leftover = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             leftover.bind(("127.0.0.1", free_ports(protocol="udp")))
-            pytest.leftover = leftover
+            LEFT_OPEN.append(leftover)
 
         @pytest.fixture
         def listening(free_port):
@@ -532,7 +555,7 @@ def test_free_ports_leases_for_one_test(pytester: pytest.Pytester, monkeypatch: 
             make_server(free_port)
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", *private.args, timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist", *private.args)
     result.assert_outcomes(passed=5, warnings=1)
     result.stdout.fnmatch_lines(
         ["*::test_leaks_are_this_tests", "*leased by *::test_leaks_are_this_tests, is still bound*"]
@@ -540,9 +563,11 @@ def test_free_ports_leases_for_one_test(pytester: pytest.Pytester, monkeypatch: 
 
 
 def test_a_conftest_may_choose_the_settings_in_its_pytest_configure(
-    pytester: pytest.Pytester, private_range: MakeRange
+    pytester: pytest.Pytester, private_range: MakeRange, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     private = private_range(2)
+    for name in ("PYTEST_EPHEMERAL_PORT_RANGE", "PYTEST_EPHEMERAL_LOCK_DIR"):
+        monkeypatch.setenv(name, os.environ[name])  # restored after the inner run's conftest
     pytester.makeconftest(
         f"""
         import os
@@ -558,7 +583,7 @@ def test_a_conftest_may_choose_the_settings_in_its_pytest_configure(
             assert free_port in {private.ports}
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist")
     result.assert_outcomes(passed=1)
 
 
@@ -588,14 +613,14 @@ def test_bad_arguments_get_one_clear_sentence(pytester: pytest.Pytester) -> None
             assert isinstance(caught.value, TypeError) == (error is ConfigTypeError)
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:xdist", timeout=120)
+    result = run_inline(pytester, "-p", "no:xdist")
     result.assert_outcomes(passed=6)
 
 
 def test_session_end_leaks_follow_the_warning_filters(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_leaks=LEAKY_SESSION)
-    result = pytester.runpytest_subprocess(
-        "-p", "no:xdist", "-v", "-W", "ignore::pytest_ephemeral.EphemeralPortWarning", timeout=120
+    result = run_inline(
+        pytester, "-p", "no:xdist", "-v", "-W", "ignore::pytest_ephemeral.EphemeralPortWarning"
     )
     result.assert_outcomes(passed=3, warnings=0)
     result.stdout.fnmatch_lines(["ephemeral ports: * 0 leak warnings"])
