@@ -209,7 +209,9 @@ def test_exhaustion_waits_for_the_timeout_then_names_the_range(
     )
     result = run_inline(pytester, "-p", "no:xdist", "-s", *private.args, "--ephemeral-timeout=0.5")
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*waited 0.* s"])
+    # The bound itself is the fixture's assertion: 0.5 s at least, and it stops (a loaded machine
+    # may take over a second to notice, so the printed figure is not matched further).
+    result.stdout.fnmatch_lines(["*waited * s"])
     result.stdout.fnmatch_lines(
         [
             f"*PortsExhausted: no free port in {private.spec} (3 ports) within 0.5 s:"
