@@ -12,16 +12,13 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pytest_ephemeral._lockdir import default_lock_dir
-from pytest_ephemeral._settings import Raw
-from pytest_ephemeral._sources import load
 
-from .helpers import Leaser
+from .harness import Leaser, PrivateRange
 
 INNER_RANGE = "61000-64999"
 PRIVATE_BAND = "65000-65535"
@@ -52,34 +49,11 @@ def _inner_runs_set_the_asyncio_loop_scope(request: pytest.FixtureRequest) -> No
 
 @pytest.fixture(scope="session")
 def band_allocator() -> Iterator[Leaser]:
-    origin = "tests/conftest.py"
-    settings = load(
-        {
-            "port_range": Raw(PRIVATE_BAND, origin),
-            "lock_dir": Raw(str(default_lock_dir()), origin),
-            "timeout": Raw(60, origin),
-        }
-    )
-    allocator = Leaser(settings)
+    """Leases of this suite's private band, which every ``private_range`` is leased from."""
+    band = PrivateRange.of(PRIVATE_BAND, default_lock_dir())
+    allocator = band.leaser(timeout=60, origin="tests/conftest.py")
     yield allocator
     allocator.release_all()
-
-
-@dataclass(frozen=True)
-class PrivateRange:
-    """Ports no other test of this suite uses, and a lock dir no other run uses."""
-
-    ports: list[int]
-    lock_dir: Path
-
-    @property
-    def spec(self) -> str:
-        return f"{self.ports[0]}-{self.ports[-1]}"
-
-    @property
-    def args(self) -> list[str]:
-        """Command-line options that point an inner run at this range and lock dir."""
-        return [f"--ephemeral-port-range={self.spec}", f"--ephemeral-lock-dir={self.lock_dir}"]
 
 
 #: The type of the ``private_range`` fixture: ``private_range(n)`` gives n ports of one's own.

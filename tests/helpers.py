@@ -14,10 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ephemeral._allocator import PortAllocator, Stats, allocator_for, request_for
-from pytest_ephemeral._probe import Protocol
-from pytest_ephemeral._settings import Settings
-
 
 def run_inline(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     """``pytester.runpytest(*args)`` in this process, under the warning filters a fresh
@@ -105,40 +101,6 @@ def bind_fails(port: int, kind: socket.SocketKind = socket.SOCK_STREAM) -> bool:
     except OSError:
         return True
     return False
-
-
-class Leaser:
-    """One caller's view of the core in this process: leases of one ``Settings``, its own figures.
-
-    The process has one allocator per lock dir; a test that wants "an allocator for this range"
-    gets this, which passes its settings with every lease, as the plugin and ``lease_port`` do.
-    """
-
-    def __init__(self, settings: Settings, allocator: PortAllocator | None = None) -> None:
-        self.settings = settings
-        self.allocator = allocator or allocator_for(settings.lock_dir, settings.lock_dir_given)
-        self.stats = Stats()
-        self._mine: set[int] = set()
-
-    @property
-    def held(self) -> frozenset[int]:
-        return frozenset(self._mine)
-
-    def lease(self, protocol: Protocol = "tcp") -> int:
-        return self.lease_block(1, protocol)[0]
-
-    def lease_block(self, n: int, protocol: Protocol = "tcp") -> list[int]:
-        ports = self.allocator.lease(request_for(self.settings, protocol), n, self.stats)
-        self._mine.update(ports)
-        return ports
-
-    def release(self, port: int) -> None:
-        self._mine.remove(port)
-        self.allocator.release(port)
-
-    def release_all(self) -> None:
-        for port in sorted(self._mine):
-            self.release(port)
 
 
 #: A process that locks lock files and writes what it is told into them, as any program following

@@ -19,23 +19,14 @@ import pytest
 from pytest_ephemeral import ConfigError, PortNotLeased, PortsExhausted
 from pytest_ephemeral._allocator import PortAllocator, request_for
 from pytest_ephemeral._lockfile import read_live_record
-from pytest_ephemeral._settings import Raw
-from pytest_ephemeral._sources import load
 
-from .conftest import MakeRange, PrivateRange
-from .helpers import Leaser
+from .conftest import MakeRange
+from .harness import Leaser, PrivateRange
 
 
 def allocator(private: PrivateRange, exclude: str = "", timeout: float = 0) -> Leaser:
     """Leases in a private range, through this process's allocator for its lock dir."""
-    given = {
-        "port_range": Raw(private.spec, "test"),
-        "lock_dir": Raw(str(private.lock_dir), "test"),
-        "timeout": Raw(timeout, "test"),
-    }
-    if exclude:
-        given["exclude"] = Raw(exclude, "test")
-    return Leaser(load(given))
+    return private.leaser(timeout, exclude=exclude or None)
 
 
 class StartAt:
@@ -313,13 +304,7 @@ def time_wait_on(port: int) -> None:
 
 
 def reusing(private: PrivateRange) -> Leaser:
-    given = {
-        "port_range": Raw(private.spec, "test"),
-        "lock_dir": Raw(str(private.lock_dir), "test"),
-        "timeout": Raw(0, "test"),
-        "reuse_addr": Raw("yes", "test"),
-    }
-    return Leaser(load(given))
+    return private.leaser(reuse_addr="yes")
 
 
 LINUX_ONLY = pytest.mark.skipif(

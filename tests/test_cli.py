@@ -21,7 +21,8 @@ import pytest
 import pytest_ephemeral
 from pytest_ephemeral._portmap import Row, draw
 
-from .conftest import MakeRange, PrivateRange
+from .conftest import MakeRange
+from .harness import PrivateRange
 
 
 def cli(

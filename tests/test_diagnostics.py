@@ -19,8 +19,9 @@ import pytest
 from pytest_ephemeral._leakcheck import _tcp_use_by_connecting, local_port_states, still_in_use
 from pytest_ephemeral._probe import Targets, bind_targets, ipv6_available
 
-from .conftest import Holder, MakeRange, PrivateRange
-from .helpers import Leaser, run_inline
+from .conftest import Holder, MakeRange
+from .harness import Leaser, PrivateRange
+from .helpers import run_inline
 
 #: An inner test that leases ports, announces them in $READY_FILE, and holds them until
 #: $GO_FILE exists (a real condition, polled with a bound).

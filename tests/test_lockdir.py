@@ -22,11 +22,10 @@ import pytest
 from pytest_ephemeral import LockDirError, PortsExhausted
 from pytest_ephemeral._lockdir import LockDir, default_lock_dir
 from pytest_ephemeral._lockfile import read_live_record
-from pytest_ephemeral._settings import Raw
-from pytest_ephemeral._sources import load
 
-from .conftest import MakeRange, PrivateRange
-from .helpers import Leaser, run_inline
+from .conftest import MakeRange
+from .harness import Leaser, PrivateRange
+from .helpers import run_inline
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32", reason="POSIX lock dir checks: modes, uids, FIFOs, symlinks"
@@ -62,19 +61,10 @@ def test_factory(port_factory):
 """
 
 
-def leaser(private: PrivateRange, timeout: float = 0) -> Leaser:
-    given = {
-        "port_range": Raw(private.spec, "test"),
-        "lock_dir": Raw(str(private.lock_dir), "test"),
-        "timeout": Raw(timeout, "test"),
-    }
-    return Leaser(load(given))
-
-
 @contextmanager
 def leasing(private: PrivateRange) -> Iterator[Leaser]:
     """Leases in a private range, all released at the end of the block."""
-    leases = leaser(private)
+    leases = private.leaser()
     try:
         yield leases
     finally:
@@ -493,7 +483,7 @@ def test_exhaustion_of_a_plain_range_still_says_bound(private_range: MakeRange) 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", private.ports[0]))
         with pytest.raises(PortsExhausted, match="1 bound by other programs") as caught:
-            leaser(private, timeout=0).lease()
+            private.leaser(timeout=0).lease()
     assert caught.value.bound == 1
     assert caught.value.forbidden == 0
 
@@ -548,7 +538,7 @@ def test_a_release_whose_recovery_fails_still_gives_the_lock_back(
     private_range: MakeRange, tmp_path: Path
 ) -> None:
     private = private_range(2)
-    leases = leaser(private)
+    leases = private.leaser()
     first, second = leases.lease_block(2)
     shutil.rmtree(private.lock_dir)
     (tmp_path / "elsewhere").mkdir()
@@ -567,7 +557,7 @@ def test_a_release_whose_recovery_fails_still_gives_the_lock_back(
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_never_takes_over_its_parents_leases(private_range: MakeRange) -> None:
     private = private_range(3)
-    leases = leaser(private)
+    leases = private.leaser()
     held = leases.lease()
     shutil.rmtree(private.lock_dir)
     pid = os.fork()

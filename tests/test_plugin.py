@@ -12,18 +12,9 @@ import pytest
 
 from pytest_ephemeral import PortsExhausted
 from pytest_ephemeral._probe import ipv6_available
-from pytest_ephemeral._settings import Raw
-from pytest_ephemeral._sources import load
 
-from .conftest import Holder, MakeRange, PrivateRange
-from .helpers import (
-    Leaser,
-    assert_no_shared_overlap,
-    bind_fails,
-    hold_tests,
-    read_holds,
-    run_inline,
-)
+from .conftest import Holder, MakeRange
+from .helpers import assert_no_shared_overlap, bind_fails, hold_tests, read_holds, run_inline
 
 NEEDS_IPV6 = pytest.mark.skipif(not ipv6_available(), reason="IPv6 is off on this machine")
 XDIST_MODES = [["-n", "4"], ["-n", "2"], ["-p", "no:xdist"]]
@@ -157,18 +148,6 @@ def test_a_port_in_time_wait_is_never_leased(
     assert sorted(map(int, holds_file.read_text().split())) == private.ports[1:]
 
 
-def _allocator(private: PrivateRange, timeout: float = 0) -> Leaser:
-    return Leaser(
-        load(
-            {
-                "port_range": Raw(private.spec, "test"),
-                "lock_dir": Raw(str(private.lock_dir), "test"),
-                "timeout": Raw(timeout, "test"),
-            }
-        )
-    )
-
-
 def test_leases_of_a_killed_process_vanish_with_it(
     pytester: pytest.Pytester,
     holds_file: Path,
@@ -176,7 +155,7 @@ def test_leases_of_a_killed_process_vanish_with_it(
 ) -> None:
     process, private = holder_process
     with pytest.raises(PortsExhausted, match="3 locked by other processes"):
-        _allocator(private).lease()
+        private.leaser().lease()
     process.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no cleanup either way
     assert process.wait(timeout=30) != 0
     pytester.makepyfile(_lease_all_tests(3))

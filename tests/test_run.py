@@ -20,7 +20,8 @@ import pytest
 from pytest_ephemeral import PortsExhausted, lease_port
 from pytest_ephemeral._run import UsageError, _check_listen, _label, expand
 
-from .conftest import Holder, MakeRange, PrivateRange
+from .conftest import Holder, MakeRange
+from .harness import PrivateRange
 
 # POSIX signals, process groups and pseudo-terminals: none of it exists on Windows.
 pty = pytest.importorskip("pty", reason="POSIX signals and terminals")
