@@ -58,7 +58,7 @@ MAX_TRIES = 8
 #: At most one bind0 lease held per this many soft RLIMIT_NOFILE descriptors (each lease keeps a
 #: descriptor: a test opening nearly as many sockets as its limit allows must still be able to),
 #: and per this many ports of the range (one process's clients must not drain it for others).
-NOFILE_SHARE = 8
+NOFILE_SHARE = 64
 RANGE_SHARE = 8
 
 #: Counter names in ``SessionLeases.counters`` (summed over xdist workers).
@@ -91,8 +91,9 @@ def enclosing_run_ports(environ: Mapping[str, str]) -> frozenset[int]:
     """Ports an enclosing ``pytest-ephemeral run`` leased for this run (``EPHEMERAL_PORTS``)."""
     ports = set()
     for part in environ.get("EPHEMERAL_PORTS", "").split(","):
-        if part.strip().isdigit():
-            ports.add(int(part))
+        text = part.strip()
+        if text.isascii() and text.isdigit() and 0 < int(text) < 65536:  # a stray value: ignored
+            ports.add(int(text))
     return frozenset(ports)
 
 
@@ -117,6 +118,7 @@ class Binder:
         self.outer_ports = enclosing_run_ports(os.environ)
         self.base: _Bind = _base_bind()
         self._mine: set[int] = set()  # ports of bind0 leases, maybe ended since: see _room
+        self.broken = False  # a lease failed with an error: binds of port 0 go to the OS
         self._warned: set[tuple[str | None, int]] = set()
         self._local = threading.local()  # .busy: this thread is leasing for a bind(0)
         self._mutex = threading.Lock()
@@ -128,7 +130,12 @@ class Binder:
         """A bind to port 0: to a leased port if one can be had at once, else as asked."""
         protocol = _caught(sock)
         local = self._local
-        if protocol is None or getattr(local, "busy", False) or os.getpid() != self.pid:
+        if (
+            protocol is None
+            or self.broken
+            or getattr(local, "busy", False)
+            or os.getpid() != self.pid
+        ):
             return self.base(sock, address)
         port = self._lease(protocol) if self._room() else None
         if port is not None:
@@ -136,8 +143,10 @@ class Binder:
                 self.base(sock, (address[0], port, *address[2:]))
             except Exception:  # taken meanwhile by a program that ignores the locks, say
                 local.busy = True
-                try:
-                    self.leases.end(port)
+                try:  # never used by this socket: given back without a leak check
+                    self.leases.give_back(port)
+                except Exception:
+                    self.broken = True  # the lock dir failed: leave every bind to the OS now
                 finally:
                     local.busy = False
             else:
@@ -156,7 +165,10 @@ class Binder:
         try:
             return self.leases.try_lease(protocol, max_tries=MAX_TRIES, on_leak=self.on_leak)
         except Exception:  # a broken lock dir, no descriptor left, a warning made an error
-            return None  # the fixtures that lease report it; this bind works as before
+            # The fixtures that lease report it; this bind, and every later one, works as before
+            # (a lock dir that cannot be prepared would cost every bind(0) another attempt).
+            self.broken = True
+            return None
         finally:
             local.busy = False
 
@@ -209,22 +221,23 @@ def _replacement(binder: Binder) -> _Bind:
     if binder.bind0 and binder.audit:
 
         def bind(self: socket.socket, address: Any, /) -> None:
-            if address.__class__ is tuple and len(address) > 1:
+            if address.__class__ is tuple and len(address) > 1 and address[1].__class__ is int:
                 return zero(self, address) if address[1] == 0 else audited(self, address)
             return base(self, address)
 
     elif binder.bind0:
 
         def bind(self: socket.socket, address: Any, /) -> None:
-            if address.__class__ is tuple and address[1:2] == (0,):
+            # 0 only, not 0.0 or False, which a plain bind refuses or reads otherwise
+            if address.__class__ is tuple and address[1:2] == (0,) and address[1].__class__ is int:
                 return zero(self, address)
             return base(self, address)
 
     else:
 
         def bind(self: socket.socket, address: Any, /) -> None:
-            if address.__class__ is tuple and len(address) > 1 and address[1] != 0:
-                return audited(self, address)
+            if address.__class__ is tuple and len(address) > 1 and address[1].__class__ is int:
+                return audited(self, address) if address[1] != 0 else base(self, address)
             return base(self, address)
 
     bind.__doc__ = base.__doc__
@@ -282,7 +295,7 @@ class BindPlugin:
     def __init__(self, binder: Binder) -> None:
         self.binder = binder
 
-    @pytest.hookimpl(trylast=True)
+    @pytest.hookimpl(tryfirst=True)  # before the plugin's ends the session's leases
     def pytest_unconfigure(self) -> None:
         uninstall(self.binder)
 

@@ -208,13 +208,19 @@ def _use_now(
 
 
 def still_in_use(
-    port: int, host: str, targets: Targets, kinds: tuple[socket.SocketKind, ...]
+    port: int,
+    host: str,
+    targets: Targets,
+    kinds: tuple[socket.SocketKind, ...],
+    grace: bool = True,
 ) -> str | None:
     """How ``port`` is still in use for the protocols ``kinds`` its lease was for ("listening
     (TCP)", "bound (UDP)", ...); None if free, only in TIME_WAIT or only in connections.
-    ``targets`` are where the bind probe binds (see ``_probe.bind_targets``)."""
+    ``targets`` are where the bind probe binds (see ``_probe.bind_targets``). With ``grace``, a
+    port in use is looked at again for a moment (a server may be stopping); without it (a leak
+    that is only counted), the first answer stands."""
     use = _use_now(port, host, targets, kinds)
-    for pause in GRACE if use else ():
+    for pause in GRACE if use and grace else ():
         time.sleep(pause)  # a server already stopping closes its socket within milliseconds
         use = _use_now(port, host, targets, kinds)
         if use is None:

@@ -44,7 +44,7 @@ SocketProtocol = Literal["tcp", "udp"]
 #: What the end of a lease does when its port is still in use: warn, or only count it.
 OnLeak = Literal["warn", "count"]
 _T = TypeVar("_T")
-_LeakCheck = Callable[[int, str, Targets, "tuple[socket.SocketKind, ...]"], "str | None"]
+_LeakCheck = Callable[[int, str, Targets, "tuple[socket.SocketKind, ...]", bool], "str | None"]
 
 ADVICE = Advice(
     lock_dir="Fix this and try again, or choose another lock dir with --ephemeral-lock-dir.",
@@ -115,6 +115,7 @@ class SessionLeases:
         self._fixtures: list[tuple[pytest.FixtureDef[Any], pytest.FixtureRequest]] = []
         self._scoped: dict[int, _Scoped] = {}  # live scoped leases
         self._of_test: list[int] = []  # scoped leases that end after the running test
+        self._finished = False  # the session's scoped leases have ended: no more are taken
         self._ended: set[int] = set()  # released ports, to say "already released"
         self._totals: dict[str, float] = {}  # figures of xdist workers, for the summary
         self._peak = 0.0
@@ -148,10 +149,12 @@ class SessionLeases:
 
     def current_scope(self) -> Scope:
         """Who asks now: the fixture being set up, else the running test, else the session."""
-        if self._fixtures:
-            fixturedef, request = self._fixtures[-1]
-            return Scope(self._item, fixturedef, request)
-        return Scope(self._item)
+        item, fixtures = self._item, self._fixtures
+        try:  # read from other threads too (a server's), while the main thread sets up fixtures
+            fixturedef, request = fixtures[-1]
+        except IndexError:
+            return Scope(item)
+        return Scope(item, fixturedef, request)
 
     # --- leasing ------------------------------------------------------------------------------
 
@@ -219,7 +222,10 @@ class SessionLeases:
         scope: Scope | None = None,
     ) -> int | None:
         """Lease one port now, for ``scope`` (default: whoever asks now), or None: it never
-        waits and tries at most ``max_tries`` candidates. It ends as a ``lease()`` does."""
+        waits and tries at most ``max_tries`` candidates. It ends as a ``lease()`` does; once the
+        session's leases have ended, there is none (nothing would end it)."""
+        if self._finished:
+            return None
         scope = scope or self.current_scope()
         allocator = self.allocator
         assert self._request_for is not None  # set with the allocator
@@ -240,6 +246,17 @@ class SessionLeases:
                 scope.request.addfinalizer(lambda: self._end_scoped(port, stacklevel=2))
             elif scope.item is not None:
                 self._of_test.append(port)
+
+    def give_back(self, port: int) -> None:
+        """End a scoped lease now, with no leak check: the port was never used (the bind to it
+        failed), so whatever is on it is somebody else's."""
+        with self._mutex:
+            scoped = self._scoped.pop(port, None)
+            if port in self._of_test:
+                self._of_test.remove(port)
+        if scoped is not None:
+            self.allocator.release(port)
+            self._ended.add(port)
 
     def holds(self, port: int) -> bool:
         """Whether ``port`` is a scoped lease of this session that has not ended."""
@@ -266,6 +283,7 @@ class SessionLeases:
         """Release the scoped leases left (asked outside tests and fixtures), without a leak
         check: a server started at collection may rightly still be stopping."""
         with self._mutex:
+            self._finished = True
             left, self._scoped = self._scoped, {}
         for port in left:
             with contextlib.suppress(ValueError):  # released already (PortNotLeased)
@@ -298,7 +316,9 @@ class SessionLeases:
         try:
             assert self._still_in_use is not None  # set with the allocator
             kinds = allocator.lease_of(port).kinds
-            use = self._still_in_use(port, host, bind_targets(host), kinds)
+            # A leak only counted is not worth the grace wait: it would cost a test that leaves
+            # its sockets open (as suites may) that wait for each of them.
+            use = self._still_in_use(port, host, bind_targets(host), kinds, on_leak == "warn")
         finally:
             allocator.release(port)
             self._ended.add(port)

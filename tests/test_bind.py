@@ -335,12 +335,13 @@ def test_a_forked_child_binds_as_the_os_says(pytester: pytest.Pytester) -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no RLIMIT_NOFILE")
 def test_a_low_descriptor_limit_caps_the_leases(pytester: pytest.Pytester) -> None:
-    """With a soft limit of 96, a process holds at most 12 bind0 leases (one descriptor each):
-    a test keeping 60 recipe sockets open still runs."""
+    """With a soft limit of 256, a process holds at most 4 bind0 leases (one descriptor each, a
+    64th of the limit): a test keeping 230 recipe sockets open (nearly all its limit allows, once
+    pytest has its own) still runs."""
     pytester.makeconftest(
         "import resource\n"
         "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
-        "resource.setrlimit(resource.RLIMIT_NOFILE, (96, hard))\n" + RECIPE_CONFTEST
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n" + RECIPE_CONFTEST
     )
     pytester.makepyfile(
         """
@@ -350,7 +351,7 @@ def test_a_low_descriptor_limit_caps_the_leases(pytester: pytest.Pytester) -> No
         def test_many_open():
             sockets = []
             try:
-                for _ in range(60):
+                for _ in range(230):
                     sock = socket.socket()
                     sockets.append(sock)
                     sock.bind(("127.0.0.1", 0))
@@ -361,7 +362,33 @@ def test_a_low_descriptor_limit_caps_the_leases(pytester: pytest.Pytester) -> No
     )
     result = pytester.runpytest_subprocess("-v", "-p", "no:xdist")
     result.assert_outcomes(passed=1)
-    assert summary(result.stdout.str())[:2] == (12, 48)
+    assert summary(result.stdout.str())[:2] == (4, 226)
+
+
+def test_binds_that_fail_without_the_plugin_fail_alike(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port of 0.0 or False is not port 0 to a plain bind: it fails the same way with bind0;
+    and a stray EPHEMERAL_PORTS value is ignored, never a crash at start-up."""
+    pytester.makepyfile(
+        """
+        import socket
+        import pytest
+
+
+        @pytest.mark.parametrize("port", [0.0, "0", None])
+        def test_refused(port):
+            with socket.socket() as plain, socket.socket() as ours:
+                with pytest.raises(TypeError) as expected:
+                    socket.socket.__mro__[1].bind(plain, ("127.0.0.1", port))
+                with pytest.raises(TypeError) as caught:
+                    ours.bind(("127.0.0.1", port))
+                assert str(caught.value) == str(expected.value)
+        """
+    )
+    monkeypatch.setenv("EPHEMERAL_PORTS", "\u00b2,x,99999,0")
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "--ephemeral-audit=yes")
+    result.assert_outcomes(passed=3)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reuse_addr works on Linux")
