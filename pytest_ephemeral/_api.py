@@ -58,15 +58,20 @@ def _lease_settings(layer: Layer) -> Layer:
     return {name: raw for name, raw in layer.items() if name in LEASE_NAMES}
 
 
-def _resolve(
-    arguments: tuple[tuple[str, object], ...], protocol: Protocol
-) -> tuple[PortAllocator, Request]:
-    """The allocator of the lock dir these arguments (over the session's or the project's
-    settings) name, and the request for ``protocol``: resolved once per distinct input and process
-    (the request names this process as the holder)."""
+def _resolve(values: tuple[object, ...], protocol: Protocol) -> tuple[PortAllocator, Request]:
+    """The allocator of the lock dir these keyword ``values`` (in the order of
+    ``_ARGUMENT_NAMES``, None where left out; over the session's or the project's settings) name,
+    and the request for ``protocol``: resolved once per distinct input and process (the request
+    names this process as the holder).
+
+    The key is one flat tuple of the values as given: pairing them with their names, or nesting
+    tuples, costs more per call than the rest of the key (the "lease_port() + release" row of
+    benchmarks/bench.py)."""
     session = SESSION.session
-    scope = (SESSION.generation,) if session else (_env_key(), os.getcwd())
-    key = (arguments, protocol, os.getpid(), *scope)
+    if session is not None:
+        key: tuple[object, ...] = (*values, protocol, os.getpid(), SESSION.generation)
+    else:
+        key = (*values, protocol, os.getpid(), os.getcwd(), *_env_key())
     try:
         found = _resolved.get(key)  # a dict read is atomic; writes take the mutex
     except TypeError:  # an unhashable argument: a list for a port range, say
@@ -75,7 +80,11 @@ def _resolve(
         from ._allocator import allocator_for, request_for  # imports filelock: first lease
         from ._sources import load, project_layers
 
-        given = {name: Raw(value, f"argument {name}=") for name, value in arguments}
+        given = {
+            name: Raw(value, f"argument {name}=")
+            for name, value in zip(_ARGUMENT_NAMES, values, strict=True)
+            if value is not None
+        }
         if session is not None:
             layers = (given, *session.layers)
         else:
@@ -93,19 +102,24 @@ def _resolve(
 class _Leased:
     """The context manager ``lease_block`` returns: leases on enter, releases on exit."""
 
-    __slots__ = ("_allocator", "_arguments", "_n", "_ports", "_protocol")
+    __slots__ = ("_allocator", "_n", "_ports", "_protocol", "_values")
 
-    def __init__(self, n: int, protocol: Protocol, arguments: tuple[tuple[str, object], ...]):
+    def __init__(self, n: int, protocol: Protocol, values: tuple[object, ...]) -> None:
         self._n = n
         self._protocol = protocol
-        self._arguments = arguments
+        self._values = values  # the keywords after protocol, in the order of _ARGUMENT_NAMES
         self._ports: list[int] = []
         self._allocator: PortAllocator | None = None
 
     def __enter__(self) -> list[int]:
-        with _ADVICE:
-            self._allocator, request = _resolve(self._arguments, self._protocol)
+        # try/except rather than ``with _ADVICE``: the context manager's two calls were a
+        # measurable share of the "lease_port() + release" row of benchmarks/bench.py.
+        try:
+            self._allocator, request = _resolve(self._values, self._protocol)
             self._ports = self._allocator.lease(request, self._n)
+        except BaseException as error:
+            _ADVICE.add_to(error)
+            raise
         return self._ports
 
     def __exit__(
@@ -137,12 +151,6 @@ class _LeasedPort(_Leased):
 _ARGUMENT_NAMES = ("host", "port_range", "exclude", "lock_dir", "timeout", "reuse_addr")
 
 
-def _arguments(*values: object) -> tuple[tuple[str, object], ...]:
-    """The keywords given to ``lease_port``/``lease_block`` after ``protocol``, with their names
-    (``values`` in the order of ``_ARGUMENT_NAMES``)."""
-    return tuple(item for item in zip(_ARGUMENT_NAMES, values, strict=True) if item[1] is not None)
-
-
 def lease_block(
     n: int,
     *,
@@ -162,9 +170,7 @@ def lease_block(
     environment variable, the project's config file, then the default. Raises
     ``ConfigError`` for a bad value and ``PortsExhausted`` when no ports free up within ``timeout``.
     """
-    return _Leased(
-        n, protocol, _arguments(host, port_range, exclude, lock_dir, timeout, reuse_addr)
-    )
+    return _Leased(n, protocol, (host, port_range, exclude, lock_dir, timeout, reuse_addr))
 
 
 def lease_port(
@@ -179,9 +185,7 @@ def lease_port(
 ) -> _LeasedPort:
     """Lease one port, bind-checked for ``protocol`` ("tcp", "udp" or "both"), for the ``with``
     block: ``with lease_port() as port:``. Takes the same keywords as ``lease_block``."""
-    return _LeasedPort(
-        1, protocol, _arguments(host, port_range, exclude, lock_dir, timeout, reuse_addr)
-    )
+    return _LeasedPort(1, protocol, (host, port_range, exclude, lock_dir, timeout, reuse_addr))
 
 
 lease_block.__module__ = lease_port.__module__ = "pytest_ephemeral"

@@ -147,6 +147,10 @@ class Advice:
         return None
 
     def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        self.add_to(error)
+
+    def add_to(self, error: BaseException | None) -> None:
+        """Give ``error`` this advice if it is an error that takes advice and has none yet."""
         if isinstance(error, LockDirError):
             error.advice = error.advice or self._lock_dir
         elif isinstance(error, PortsExhausted):

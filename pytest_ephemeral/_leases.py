@@ -44,6 +44,7 @@ SocketProtocol = Literal["tcp", "udp"]
 #: What the end of a lease does when its port is still in use: warn, or only count it.
 OnLeak = Literal["warn", "count"]
 _T = TypeVar("_T")
+_MAX_REQUESTS = 64
 _LeakCheck = Callable[[int, str, Targets, "tuple[socket.SocketKind, ...]", bool], "str | None"]
 
 ADVICE = Advice(
@@ -123,6 +124,10 @@ class SessionLeases:
         self._allocator: PortAllocator | None = None
         self._still_in_use: _LeakCheck | None = None  # loaded with the allocator
         self._request_for: Callable[..., Request] | None = None  # the same
+        #: Requests for the session's range by (protocol, label): made once per test, not per
+        #: lease (a bind0 lease pays for each call here: the "bind0: the recipe, leased" row of
+        #: benchmarks/bench.py). Cleared when it grows to _MAX_REQUESTS.
+        self._requests: dict[tuple[Protocol, str | None], Request] = {}
         self._mutex = threading.Lock()
 
     # --- what runs now (the plugin's hooks say) ---------------------------------------------
@@ -180,10 +185,8 @@ class SessionLeases:
         """Lease ``n`` consecutive ports of ``ports`` (default: the session's range), waiting up
         to the timeout; whoever calls this ends the leases."""
         allocator = self.allocator
-        settings = self.settings if ports is None else self.settings._replace(ports=ports)
-        assert self._request_for is not None  # set with the allocator
         with ADVICE:
-            request = self._request_for(settings, protocol, self.holder, label)
+            request = self._request(protocol, label, ports)
             taken = allocator.lease(request, n, self._stats)
         self._ended.difference_update(taken)
         return taken
@@ -228,14 +231,30 @@ class SessionLeases:
             return None
         scope = scope or self.current_scope()
         allocator = self.allocator
-        assert self._request_for is not None  # set with the allocator
-        request = self._request_for(self.settings, protocol, self.holder, scope.nodeid)
-        port = allocator.try_lease(request, max_tries, self._stats)
+        port = allocator.try_lease(self._request(protocol, scope.nodeid), max_tries, self._stats)
         if port is None:
             return None
         self._ended.discard(port)
         self._hold_for(port, scope, on_leak)
         return port
+
+    def _request(
+        self, protocol: Protocol, label: str | None, ports: PortRange | None = None
+    ) -> Request:
+        """The request for a lease of ``ports`` (default: the range) labelled ``label``."""
+        assert self._request_for is not None  # set with the allocator
+        if ports is not None:  # an adapter's own range: rare, not cached
+            settings = self.settings._replace(ports=ports)
+            return self._request_for(settings, protocol, self.holder, label)
+        key = (protocol, label)
+        request = self._requests.get(key)
+        if request is None:
+            if len(self._requests) >= _MAX_REQUESTS:
+                self._requests.clear()
+            request = self._requests[key] = self._request_for(
+                self.settings, protocol, self.holder, label
+            )
+        return request
 
     def _hold_for(self, port: int, scope: Scope, on_leak: OnLeak) -> None:
         with self._mutex:
