@@ -58,6 +58,13 @@ def _lease_settings(layer: Layer) -> Layer:
     return {name: raw for name, raw in layer.items() if name in LEASE_NAMES}
 
 
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # the current directory was removed
+        return None
+
+
 def _resolve(values: tuple[object, ...], protocol: Protocol) -> tuple[PortAllocator, Request]:
     """The allocator of the lock dir these keyword ``values`` (in the order of
     ``_ARGUMENT_NAMES``, None where left out; over the session's or the project's settings) name,
@@ -68,17 +75,18 @@ def _resolve(values: tuple[object, ...], protocol: Protocol) -> tuple[PortAlloca
     tuples, costs more per call than the rest of the key (the "lease_port() + release" row of
     benchmarks/bench.py)."""
     session = SESSION.session
+    cwd = None if session is not None else _cwd()
     if session is not None:
         key: tuple[object, ...] = (*values, protocol, os.getpid(), SESSION.generation)
     else:
-        key = (*values, protocol, os.getpid(), os.getcwd(), *_env_key())
+        key = (*values, protocol, os.getpid(), cwd, *_env_key())
     try:
         found = _resolved.get(key)  # a dict read is atomic; writes take the mutex
     except TypeError:  # an unhashable argument: a list for a port range, say
         found = None
     if found is None:
         from ._allocator import allocator_for, request_for  # imports filelock: first lease
-        from ._sources import load, project_layers
+        from ._sources import env_layer, load, project_layers
 
         given = {
             name: Raw(value, f"argument {name}=")
@@ -87,8 +95,10 @@ def _resolve(values: tuple[object, ...], protocol: Protocol) -> tuple[PortAlloca
         }
         if session is not None:
             layers = (given, *session.layers)
+        elif cwd is None:  # no directory to find a project's config file from
+            layers = (given, env_layer(os.environ))
         else:
-            _, layers = project_layers(given, Path.cwd(), None, os.environ)
+            _, layers = project_layers(given, Path(cwd), None, os.environ)
         settings = load(*map(_lease_settings, layers))
         allocator = allocator_for(settings.lock_dir, settings.lock_dir_given)
         found = allocator, request_for(settings, protocol)

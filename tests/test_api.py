@@ -3,6 +3,7 @@ and the lock protocol as another program follows it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -316,3 +317,26 @@ def test_exhaustion_in_a_script_names_arguments_not_options(private_range: MakeR
     assert "--ephemeral" not in message
     assert "lower -n" not in message
     assert caught.value.held_here == 1
+
+
+def test_lease_port_in_a_removed_directory_uses_the_environment(
+    tmp_path: Path, private_range: MakeRange
+) -> None:
+    """No current directory, no project to read: the environment and the arguments still work
+    (0.3's first cut raised FileNotFoundError from os.getcwd())."""
+    private = private_range(2)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = (
+        "import os\n"
+        "from pytest_ephemeral import lease_port\n"
+        f"os.chdir({str(gone)!r}); os.rmdir({str(gone)!r})\n"
+        f"with lease_port(port_range={private.spec!r}) as port:\n"
+        "    print(port)\n"
+    )
+    environ = {**os.environ, "PYTEST_EPHEMERAL_LOCK_DIR": str(private.lock_dir)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) in private.ports
