@@ -305,7 +305,7 @@ class SessionLeases:
             self._finished = True
             left, self._scoped = self._scoped, {}
         for port in left:
-            with contextlib.suppress(ValueError):  # released already (PortNotLeased)
+            with contextlib.suppress(PortNotLeased):  # released already
                 self.allocator.release(port)
 
     def _end_scoped(self, port: int, stacklevel: int) -> None:

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 from filelock import lock_descriptor, unlock_descriptor
 
 from ._holder import RECORD_MAX, Holder, holder_json, parse_record
+from ._lockdir import identity
 
 _COMMON = (
     getattr(os, "O_NOFOLLOW", 0)
@@ -203,8 +204,4 @@ def still_in_place(path: str, file: tuple[int, int]) -> bool:
     is looked up, not a name relative to the directory's descriptor, so a directory renamed away
     and replaced is noticed too. One ``lstat``: cheap enough for the end of every lease.
     """
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return False
-    return (info.st_dev, info.st_ino) == file
+    return identity(path) == file
