@@ -316,20 +316,21 @@ class _PatchAfter(importlib.abc.Loader):
 # --- fixture adapters ---------------------------------------------------------------------------
 
 
-def _for_this_test(request: pytest.FixtureRequest, protocol: Protocol) -> Iterator[int]:
-    return _leases.one_port(request, protocol)
+def _for_this_test(protocol: Protocol) -> Iterator[int]:
+    # No ``request`` fixture asked for: see _leases.fixture_request.
+    return _leases.one_port(_leases.fixture_request(), protocol)
 
 
 @pytest.fixture(name="unused_tcp_port")
-def _unused_tcp_port(request: pytest.FixtureRequest) -> Iterator[int]:
+def _unused_tcp_port() -> Iterator[int]:
     """A TCP port leased for this test (pytest-ephemeral's, in place of pytest-asyncio's)."""
-    yield from _for_this_test(request, "tcp")
+    yield from _for_this_test("tcp")
 
 
 @pytest.fixture(name="unused_udp_port")
-def _unused_udp_port(request: pytest.FixtureRequest) -> Iterator[int]:
+def _unused_udp_port() -> Iterator[int]:
     """A UDP port leased for this test (pytest-ephemeral's, in place of pytest-asyncio's)."""
-    yield from _for_this_test(request, "udp")
+    yield from _for_this_test("udp")
 
 
 @pytest.fixture(name="unused_tcp_port_factory", scope="session")
@@ -345,15 +346,15 @@ def _unused_udp_port_factory(port_factory: PortFactory) -> Callable[[], int]:
 
 
 @pytest.fixture(name="free_tcp_port")
-def _free_tcp_port(request: pytest.FixtureRequest) -> Iterator[int]:
+def _free_tcp_port() -> Iterator[int]:
     """A TCP port leased for this test (pytest-ephemeral's, in place of anyio's)."""
-    yield from _for_this_test(request, "tcp")
+    yield from _for_this_test("tcp")
 
 
 @pytest.fixture(name="free_udp_port")
-def _free_udp_port(request: pytest.FixtureRequest) -> Iterator[int]:
+def _free_udp_port() -> Iterator[int]:
     """A UDP port leased for this test (pytest-ephemeral's, in place of anyio's)."""
-    yield from _for_this_test(request, "udp")
+    yield from _for_this_test("udp")
 
 
 @pytest.fixture(name="free_tcp_port_factory", scope="session")

@@ -6,11 +6,14 @@ order's (``_search``); preparing and watching the lock dir is ``_lockdir``'s.
 
 What a lease is for (range, protocol, host, timeout, holder) comes with each call as one
 ``Request``; what belongs to the lock dir (the held ports, whichever code leased them, and the
-prepared directory) lives here, once per process. If the directory vanishes or is replaced
-mid-run, the next lease (or the release of one of several held ports) recreates it and locks this
-process's held ports again before leasing anything new. At the end of every lease its lock file is
-checked to be still the one at its path: if not, another process may have been given the port,
-and a ``RuntimeWarning`` says so.
+prepared directory) lives here, once per process. If the directory is removed mid-run, the next
+lease finds it gone (a lock file cannot be opened in it), recreates it and locks this process's
+held ports again before leasing anything new. At the end of every lease its lock file is checked
+to be still the one at its path: if not, another process may have been given the port, and a
+``RuntimeWarning`` says so; if the directory was replaced (renamed away, another made in its
+place), the one now at the path is prepared, and the other ports held here locked in it again.
+Leases check nothing at their start: the end-of-lease check is the one that cannot miss a change,
+and it costs one ``lstat`` a lease.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from ._errors import (
@@ -35,7 +38,7 @@ from ._errors import (
     PortNotLeased,
     PortsExhausted,
 )
-from ._holder import Holder, this_process
+from ._holder import Holder, current_pid, record_details, this_process
 from ._lockdir import LockDir
 from ._lockfile import (
     Locked,
@@ -61,15 +64,15 @@ _RANDOM = random.SystemRandom()  # not random's: pytest-randomly reseeds that al
 
 class Request(NamedTuple):
     """What a lease is for: the range, the protocols and addresses to bind-check, how long to
-    wait, whether SO_REUSEADDR servers will bind it, who holds it and a label (a test's nodeid)."""
+    wait, whether SO_REUSEADDR servers will bind it, and who holds it and for what (a test's
+    nodeid), as the members of its holder record (``_holder.record_details``)."""
 
     ports: PortRange
     kinds: tuple[socket.SocketKind, ...]
     targets: Targets
     timeout: float
     reuse_addr: bool
-    holder: Holder
-    label: str | None = None
+    details: bytes
 
 
 def request_for(
@@ -85,8 +88,7 @@ def request_for(
         bind_targets(settings.host),
         settings.timeout,
         settings.reuse_addr,
-        holder or default_holder(),
-        label,
+        record_details(holder or default_holder(), label),
     )
 
 
@@ -104,40 +106,61 @@ class Stats:
     waited: float = 0.0
 
 
-@dataclass
 class Lease:
-    """A leased port: the descriptor whose lock reserves it, who took it, and what for."""
+    """A leased port: the descriptor whose lock reserves it, and the request it was taken for."""
 
-    port: int
-    fd: int
-    pid: int  # the process that took the lock (a forked child must not unlock it)
-    kinds: tuple[socket.SocketKind, ...]  # the protocols it was bind-checked for
-    nodeid: str | None
-    holder: Holder
-    thread: int  # the thread that leased it: only it makes waiting for the port pointless
-    file: tuple[int, int]  # the identity of its lock file (st_dev, st_ino), to find it replaced
-    lost: bool = False  # another process locked it while the lock dir was gone (warned)
+    __slots__ = ("fd", "file", "lost", "pid", "port", "request", "thread")
+
+    def __init__(
+        self, port: int, fd: int, pid: int, request: Request, thread: int, file: tuple[int, int]
+    ) -> None:
+        self.port = port
+        self.fd = fd
+        self.pid = pid  # the process that took the lock (a forked child must not unlock it)
+        self.request = request  # its protocols (for the leak check) and record details
+        self.thread = thread  # the thread that leased it: only it makes waiting pointless
+        self.file = file  # the identity of its lock file (st_dev, st_ino), to find it replaced
+        self.lost = False  # another process locked it while the lock dir was gone (warned)
 
 
-@dataclass
+#: What a candidate met, in ``_Pass.met``; any other value there says why it is unusable.
+_LOCKED, _BOUND, _FORBIDDEN = "locked", "bound", "forbidden"
+
+
 class _Pass:
-    """What the walks of one request met, for the exhaustion error and the figures."""
+    """What the walks of one request met, for the exhaustion error and the figures: one dict and
+    a few numbers (one is made on every lease, and a lease that succeeds at once fills none)."""
 
-    #: Held by another thread of this process, which may release them: worth waiting for.
-    other_threads: int = 0
-    locked: set[int] = field(default_factory=set)
-    bound: set[int] = field(default_factory=set)
-    forbidden: set[int] = field(default_factory=set)
-    forbidden_reason: str | None = None
-    unusable: dict[int, str] = field(default_factory=dict)
-    unrecorded: list[str] = field(default_factory=list)  # holder records that could not be written
-    bound_tries: int = 0  # tries that found their port bound (this request, every walk)
-    tries: int = 0  # candidates tried (this request, every walk)
+    __slots__ = ("bound_tries", "forbidden_reason", "met", "other_threads", "tries", "unrecorded")
+
+    def __init__(self) -> None:
+        #: By port, what it met last: _LOCKED, _BOUND, _FORBIDDEN, or why it is unusable.
+        self.met: dict[int, str] = {}
+        #: Held by another thread of this process, which may release them: worth waiting for.
+        self.other_threads = 0
+        self.tries = 0  # candidates tried (this request, every walk)
+        self.bound_tries = 0  # tries that found their port bound (this request, every walk)
+        self.forbidden_reason: str | None = None
+        self.unrecorded: str | None = None  # why a holder record could not be written
+
+    def ports(self, outcome: str) -> list[int]:
+        return [port for port, met in self.met.items() if met == outcome]
+
+    def unusable(self) -> dict[int, str]:
+        return {port: met for port, met in self.met.items() if met not in _OUTCOMES}
 
     def worth_waiting(self) -> bool:
-        return bool(self.locked or self.bound or self.other_threads)
+        return bool(self.other_threads) or any(
+            met in (_LOCKED, _BOUND) for met in self.met.values()
+        )
+
+    def count_skipped(self, stats: Stats) -> None:
+        if self.met:
+            stats.skipped_locked += len(self.ports(_LOCKED))
+            stats.skipped_bound += len(self.ports(_BOUND))
 
 
+_OUTCOMES = (_LOCKED, _BOUND, _FORBIDDEN)
 _UNCOUNTED = Stats()  # the figures of callers that keep none (lease_port): never read
 
 
@@ -179,8 +202,7 @@ class PortAllocator:
         while True:
             leased = self._attempt(request, n, seen, None, stats)
             if leased is not None:
-                stats.skipped_locked += len(seen.locked)
-                stats.skipped_bound += len(seen.bound)
+                seen.count_skipped(stats)
                 if self._lost or seen.unrecorded:
                     self._warn_after(leased, seen)
                 return leased
@@ -189,8 +211,7 @@ class PortAllocator:
             now = time.monotonic()
             deadline = now + request.timeout if deadline is None else deadline
             if now >= deadline:
-                stats.skipped_locked += len(seen.locked)
-                stats.skipped_bound += len(seen.bound)
+                seen.count_skipped(stats)
                 raise self._exhausted(n, request.ports, seen, waited=request.timeout)
             nap = min(pause, deadline - now)
             time.sleep(nap)
@@ -256,9 +277,8 @@ class PortAllocator:
         self, request: Request, n: int, seen: _Pass, max_tries: int | None, stats: Stats
     ) -> list[int] | None:
         with self._mutex:
+            self._dir.ensure()  # prepared on the first lease; a removed one makes _walk raise
             while True:
-                if not self._dir.ensure():
-                    self._recover()
                 try:
                     leased = self._walk(request, n, seen, max_tries)
                 except _DirGone:
@@ -322,13 +342,13 @@ class PortAllocator:
         locked = self._lock(port, seen)
         if locked is None:
             return None
-        fd, pid = locked.fd, os.getpid()
+        fd, pid = locked[0], current_pid()
         try:
             verdict = probe(port, request.kinds, request.targets)
             if verdict == BUSY and request.reuse_addr:
                 verdict = FREE if _reusable(port, request.kinds, request.targets) else BUSY
             if verdict == FREE:
-                return self._lease(locked, port, request, seen, thread)
+                return self._lease(locked, port, pid, request, seen, thread)
         except OSError as error:  # a socket could not even be created: give the lock back first
             unlock(fd, pid)
             raise self._os_error(error) from error
@@ -337,10 +357,10 @@ class PortAllocator:
             raise
         unlock(fd, pid)
         if verdict == FORBIDDEN:
-            seen.forbidden.add(port)
+            seen.met[port] = _FORBIDDEN
             seen.forbidden_reason = seen.forbidden_reason or _forbidden_reason(port)
         else:
-            seen.bound.add(port)
+            seen.met[port] = _BOUND
             seen.bound_tries += 1
         return None
 
@@ -349,34 +369,33 @@ class PortAllocator:
         try:
             locked = try_lock(self.lock_dir, self._dir.fd, port)
         except Unusable as unusable:
-            seen.unusable[port] = str(unusable)
+            seen.met[port] = str(unusable)
             return None
         except FileNotFoundError:
             raise _DirGone from None
         except OSError as error:
             raise self._os_error(error) from error
         if locked is None:
-            seen.locked.add(port)
+            seen.met[port] = _LOCKED
         return locked
 
     def _lease(
-        self, locked: Locked, port: int, request: Request, seen: _Pass, thread: int
+        self, locked: Locked, port: int, pid: int, request: Request, seen: _Pass, thread: int
     ) -> Lease:
-        fd, pid = locked.fd, os.getpid()
+        fd, file = locked
         try:
-            write_record(fd, request.holder, port, request.label, time.time(), pid)
+            write_record(fd, port, pid, request.details, time.time())
         except OSError as error:
-            seen.unrecorded.append(f"could not record the holder of port {port}: {error}")
+            seen.unrecorded = f"could not record the holder of port {port}: {error}"
             _void_record(fd)
-        kinds, label, holder = request.kinds, request.label, request.holder
-        return Lease(port, fd, pid, kinds, label, holder, thread, locked.file)
+        return Lease(port, fd, pid, request, thread, file)
 
     # --- the lock dir gone or replaced ------------------------------------------------------
 
     def _recover(self) -> None:
         """Recreate the lock dir and lock every port held here again, on fresh lock files."""
         self._dir.reprepare()
-        pid = os.getpid()
+        pid = current_pid()
         for lease in self._held.values():
             # Inherited over a fork: the parent's to lock again, not this child's.
             if lease.pid == pid and not lease.lost and not self._relock(lease):
@@ -391,16 +410,20 @@ class PortAllocator:
         if locked is None:
             return False
         unlock(lease.fd, lease.pid)
-        lease.fd, lease.pid, lease.file = locked.fd, os.getpid(), locked.file
+        (lease.fd, lease.file), lease.pid = locked, current_pid()
         with contextlib.suppress(OSError):  # the record is a detail; the lock is the lease
-            write_record(lease.fd, lease.holder, lease.port, lease.nodeid, time.time(), lease.pid)
+            write_record(lease.fd, lease.port, lease.pid, lease.request.details, time.time())
         return True
 
     def _lost_at_release(self, lease: Lease) -> None:
-        """The lock file of a lease being released is gone or replaced. If the dir is, the other
-        ports held here need new locks; this one is lost unless it could be locked again too."""
-        if len(self._held) > 1 and self._dir.prepared and not self._dir.unchanged():
-            self._recover()
+        """The lock file of a lease being released is gone or replaced. If the dir is, the next
+        leases go to the one at its path, and the other ports held here need new locks; this one
+        is lost unless it could be locked again too."""
+        if self._dir.prepared and not self._dir.unchanged():
+            if len(self._held) > 1:
+                self._recover()
+            else:  # nothing else to lock again
+                self._dir.reprepare()
         if not lease.lost and not self._in_place(lease):
             lease.lost = True
             self._lost.append(lease.port)
@@ -409,7 +432,7 @@ class PortAllocator:
         """Whether the lease's lock file is still the one at its path (a forked child's
         inherited lease is its parent's to check)."""
         path = self._prefix + name_of(lease.port)
-        return lease.pid != os.getpid() or still_in_place(path, lease.file)
+        return lease.pid != current_pid() or still_in_place(path, lease.file)
 
     def _warn_lost(self) -> None:
         if self._lost:
@@ -427,7 +450,7 @@ class PortAllocator:
         try:
             self._warn_lost()
             if seen.unrecorded:
-                warnings.warn(f"{seen.unrecorded[0]} (the lease stands)", RuntimeWarning, 4)
+                warnings.warn(f"{seen.unrecorded} (the lease stands)", RuntimeWarning, 4)
         except BaseException:
             for port in leased:
                 self.release(port)
@@ -462,7 +485,7 @@ class PortAllocator:
             dir_fd = self._dir.fd
             held_here = len(self._held.keys() & set(ports.ports))
         holders = []
-        for port in sorted(seen.locked):
+        for port in sorted(seen.ports(_LOCKED)):
             try:
                 record = read_live_record(self.lock_dir, port, dir_fd)
             except (Unusable, OSError):
@@ -476,11 +499,11 @@ class PortAllocator:
             size=len(ports),
             n=n,
             waited=waited,
-            locked=len(seen.locked),
-            bound=len(seen.bound),
-            forbidden=len(seen.forbidden),
+            locked=len(seen.ports(_LOCKED)),
+            bound=len(seen.ports(_BOUND)),
+            forbidden=len(seen.ports(_FORBIDDEN)),
             forbidden_reason=seen.forbidden_reason,
-            unusable=seen.unusable,
+            unusable=seen.unusable(),
             held_here=held_here,
             holders=holders,
         )
@@ -563,7 +586,7 @@ def held_here(port: int) -> bool:
 def default_holder() -> Holder:
     """The holder of leases made outside pytest: this process (made again after a fork)."""
     global _default_holder
-    if _default_holder is None or _default_holder.pid != os.getpid():
+    if _default_holder is None or _default_holder.pid != current_pid():
         _default_holder = this_process()
     return _default_holder
 

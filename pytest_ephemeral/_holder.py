@@ -38,15 +38,37 @@ class Holder(NamedTuple):
 
 
 def this_process(worker: str | None = None, testrun: str | None = None) -> Holder:
-    return Holder(os.getpid(), socket.gethostname(), worker, testrun)
+    return Holder(current_pid(), socket.gethostname(), worker, testrun)
+
+
+_pid = os.getpid()
+
+
+def current_pid() -> int:
+    """This process's id, kept since the last fork: ``os.getpid()`` is a system call, and a
+    lease with its release asked for it five times."""
+    return _pid
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+def record_details(holder: Holder, nodeid: str | None) -> bytes:
+    """The members of a record that every lease of one request shares (holder and test), as
+    JSON, made once per request: the record adds the port, the writing process's pid (right
+    after a fork too) and the time."""
+    return f'{_holder_members(holder)}, "nodeid": {json.dumps(nodeid)}'.encode()
 
 
 @functools.lru_cache(maxsize=8)
-def holder_json(holder: Holder) -> str:
-    """The holder's part of a record as JSON members, made once per holder (every lease has one).
-
-    The pid is left out: the record takes the writing process's own, right after a fork too.
-    """
+def _holder_members(holder: Holder) -> str:
+    """The holder's members, made once per holder (every test of a session asks)."""
     fields = holder._asdict()
     del fields["pid"]
     return json.dumps(fields)[1:-1]

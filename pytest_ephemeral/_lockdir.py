@@ -182,8 +182,9 @@ def explain(error: OSError) -> str:
 class LockDir:
     """One lock dir as this process uses it: prepared on first use, then watched.
 
-    If it vanishes or is replaced mid-run, ``reprepare`` makes it again (the caller then locks
-    its held ports again). A failure to prepare it is kept: every later use fails at once with
+    If it vanishes or is replaced mid-run (``unchanged`` says, for the caller to ask when a lock
+    file is found gone), ``reprepare`` makes it again (the caller then locks its held ports
+    again). A failure to prepare it is kept: every later use fails at once with
     the same reason. Not thread-safe: the allocator's mutex guards it.
     """
 
@@ -202,14 +203,12 @@ class LockDir:
     def prepared(self) -> bool:
         return self._prepared is not None
 
-    def ensure(self) -> bool:
-        """Prepare the directory on first use; False if it vanished or was replaced since."""
-        if self._failure is not None:
-            raise self._failure
+    def ensure(self) -> None:
+        """Prepare the directory on first use (or raise the failure of the first attempt)."""
         if self._prepared is None:
+            if self._failure is not None:
+                raise self._failure
             self._prepare()
-            return True
-        return self.unchanged()
 
     def unchanged(self) -> bool:
         """Whether the directory prepared is still the one at its path (not gone, not replaced)."""

@@ -17,14 +17,13 @@ This module imports ``filelock`` (about 30 ms), so it is imported on the first l
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
-from typing import Any, NamedTuple
+from typing import Any
 
 from filelock import lock_descriptor, unlock_descriptor
 
-from ._holder import RECORD_MAX, Holder, holder_json, parse_record
+from ._holder import RECORD_MAX, current_pid, parse_record
 from ._lockdir import identity
 
 _COMMON = (
@@ -62,7 +61,8 @@ def name_of(port: int) -> str:
 
 def _open(dir_path: str, dir_fd: int, port: int, flags: int) -> tuple[int, os.stat_result]:
     """Open the lock file of ``port``: its descriptor and ``fstat``, once proven our own regular
-    file. ``Unusable`` (nothing left open) for anything else; other ``OSError`` as is."""
+    file with one link. ``Unusable`` (nothing left open) for anything else; other ``OSError``
+    as is."""
     try:
         if dir_fd >= 0:
             fd = os.open(name_of(port), flags, 0o600, dir_fd=dir_fd)
@@ -74,28 +74,27 @@ def _open(dir_path: str, dir_fd: int, port: int, flags: int) -> tuple[int, os.st
             raise
         raise Unusable(reason) from None
     try:
-        return fd, _checked(fd)
-    except Unusable:
-        raise
+        info = os.fstat(fd)
     except BaseException:
         os.close(fd)
         raise
+    if (
+        stat.S_ISREG(info.st_mode)
+        and info.st_nlink == 1  # a hard link to a file elsewhere: we would write into that file
+        and (not _HAS_UID or info.st_uid == os.geteuid())
+    ):
+        return fd, info
+    os.close(fd)
+    raise Unusable(_not_ours(info))
 
 
-def _checked(fd: int) -> os.stat_result:
-    """``fstat`` of a fresh lock file descriptor; ``Unusable`` (and closed) if not ours."""
-    info = os.fstat(fd)
-    reason = None
+def _not_ours(info: os.stat_result) -> str:
+    """Why a file that ``_open`` refuses is not one of our lock files."""
     if not stat.S_ISREG(info.st_mode):
-        reason = _kind(info.st_mode)
-    elif _HAS_UID and info.st_uid != os.geteuid():
-        reason = f"a file of another user (uid {info.st_uid})"
-    elif info.st_nlink != 1:  # a hard link to a file elsewhere: we would write into that file
-        reason = f"a file with {info.st_nlink} hard links"
-    if reason is not None:
-        os.close(fd)
-        raise Unusable(reason)
-    return info
+        return _kind(info.st_mode)
+    if info.st_nlink != 1:
+        return f"a file with {info.st_nlink} hard links"
+    return f"a file of another user (uid {info.st_uid})"
 
 
 def _kind(mode: int) -> str:
@@ -110,11 +109,9 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-class Locked(NamedTuple):
-    """A locked lock file: its descriptor, and the file's identity (to find it replaced later)."""
-
-    fd: int
-    file: tuple[int, int]  # st_dev, st_ino
+#: A locked lock file: its descriptor, and the file's identity ``(st_dev, st_ino)``, to find it
+#: replaced later. A plain tuple, not a NamedTuple: one is made on every lease.
+Locked = tuple[int, tuple[int, int]]
 
 
 def try_lock(dir_path: str, dir_fd: int, port: int) -> Locked | None:
@@ -129,7 +126,7 @@ def try_lock(dir_path: str, dir_fd: int, port: int) -> Locked | None:
         if _HAS_UID and info.st_mode & 0o077:  # ours, but readable by others: keep records private
             os.fchmod(fd, 0o600)
         if lock_descriptor(fd, blocking=False):
-            return Locked(fd, (info.st_dev, info.st_ino))
+            return fd, (info.st_dev, info.st_ino)
     except BaseException:
         os.close(fd)
         raise
@@ -140,26 +137,23 @@ def try_lock(dir_path: str, dir_fd: int, port: int) -> Locked | None:
 def unlock(fd: int, owner_pid: int) -> None:
     """End a lock: unlock (only in the process that took it, not in a forked child) and close."""
     try:
-        if os.getpid() == owner_pid:
+        if current_pid() == owner_pid:
             unlock_descriptor(fd)
     finally:
         os.close(fd)
 
 
-def write_record(
-    fd: int, holder: Holder, port: int, nodeid: str | None, since: float, pid: int
-) -> None:
-    """Write who holds the lease (``pid``, this process, and ``holder``'s details) over the start
-    of its lock file, through the locked descriptor.
+def write_record(fd: int, port: int, pid: int, details: bytes, since: float) -> None:
+    """Write who holds the lease (``pid``, this process, and ``details``: the holder's and the
+    test's members, from ``_holder.record_details``) over the start of its lock file, through
+    the locked descriptor.
 
     Readers take the first line after byte 0, so an older, longer record's tail is ignored, and a
     record written by a lease that then failed its bind check sits in a file nobody has locked:
     never shown. Raises ``OSError`` (no space, say): a missing record costs details, not the lease.
     """
-    data = (
-        f'\n{{"port": {port}, "pid": {pid}, {holder_json(holder)},'
-        f' "nodeid": {"null" if nodeid is None else json.dumps(nodeid)}, "since": {since!r}}}\n'
-    ).encode()
+    # "since" to the millisecond: a float's repr costs more than the rest of the record.
+    data = b'\n{"port": %d, "pid": %d, %b, "since": %.3f}\n' % (port, pid, details, since)
     if _PWRITE:
         os.pwrite(fd, data, 0)
     else:  # Windows

@@ -161,7 +161,7 @@ def binds_with_reuse(port: int, targets: Targets) -> bool:
     """Whether a TCP socket with ``SO_REUSEADDR`` binds ``port`` on every target: it does, on
     Linux, when every socket on the port is one that set ``SO_REUSEADDR`` and is not listening
     (the connections and TIME_WAIT left by a server that set it, as servers do)."""
-    return all(
-        _binds(family, socket.SOCK_STREAM, address, port, reuse=True) == FREE
-        for family, address in targets
-    )
+    for family, address in targets:  # a loop, not all() over a generator: once per lease end
+        if _binds(family, socket.SOCK_STREAM, address, port, reuse=True) != FREE:
+            return False
+    return True

@@ -127,8 +127,12 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
-    with _leases.leases_of(item.config).running(item):
+    leases = _leases.leases_of(item.config)
+    leases.test_started(item)
+    try:
         return (yield)
+    finally:
+        leases.test_started(None)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -143,8 +147,12 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
 def pytest_fixture_setup(
     fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
 ) -> Generator[None, object, object]:
-    with _leases.leases_of(request.config).setting_up(fixturedef, request):
+    leases = _leases.leases_of(request.config)
+    leases.fixture_started(fixturedef, request)
+    try:
         return (yield)
+    finally:
+        leases.fixture_done()
 
 
 @pytest.fixture(scope="session")
@@ -160,8 +168,11 @@ def port_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
     yield from _leases.session_factory(request)
 
 
+# The per-test fixtures ask for no ``request``: _leases.fixture_request() finds it for less.
+
+
 @pytest.fixture
-def free_ports(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
+def free_ports() -> Iterator[PortFactory]:
     """Factory of ports leased for this test alone: ``free_ports(protocol="tcp")`` leases one port
     ("tcp", "udp" or "both"), ``.block(n)`` n consecutive ports, ``.socket(protocol="tcp")`` a
     socket bound to a leased port, and ``.release(port)`` ends a lease early.
@@ -169,20 +180,20 @@ def free_ports(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
     Every other lease ends at the test's teardown, after the fixtures that use it, with the same
     leak check as ``free_port``.
     """
-    yield from _leases.test_ports(request)
+    yield from _leases.test_ports(_leases.fixture_request())
 
 
 @pytest.fixture
-def free_port(request: pytest.FixtureRequest) -> Iterator[int]:
+def free_port() -> Iterator[int]:
     """A TCP port leased for this test alone: free now, and held from other tests and pytest runs
     until this test's teardown, after the fixtures that use it."""
-    yield from _leases.one_port(request)
+    yield from _leases.one_port(_leases.fixture_request())
 
 
 @pytest.fixture
-def free_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
+def free_socket() -> Iterator[socket.socket]:
     """A TCP socket already bound to a port leased for this test, on the configured host, not yet
     listening: hand it to a server (asyncio ``start_server(sock=...)``, ``socketserver``, uvicorn
     ``fd=``) and no other program can take the port in between. Closed, and the lease ended, at
     teardown; closing it earlier does not end the lease."""
-    yield from _leases.one_socket(request)
+    yield from _leases.one_socket(_leases.fixture_request())

@@ -648,12 +648,14 @@ def test_a_lock_dir_is_prepared_on_first_use_and_noticed_when_it_goes(tmp_path: 
     path = tmp_path / "locks"
     lock_dir = LockDir(str(path), explicit=True)
     assert not path.exists()  # nothing is done before the first use
-    assert lock_dir.ensure()
+    lock_dir.ensure()
     assert path.is_dir()
-    assert lock_dir.ensure()  # still the one prepared
+    assert lock_dir.unchanged()  # still the one prepared
     path.rename(tmp_path / "moved")
     path.mkdir(mode=0o700)
-    assert not lock_dir.ensure()  # replaced
+    assert not lock_dir.unchanged()  # replaced
+    lock_dir.ensure()  # prepared already: nothing checked, nothing done
+    assert not lock_dir.unchanged()
     lock_dir.reprepare()
     assert lock_dir.unchanged()
     shutil.rmtree(path)

@@ -282,6 +282,47 @@ def test_free_port_is_released_after_the_fixtures_using_it(
     result.assert_outcomes(passed=3, warnings=0)  # the socket was closed before the leak check
 
 
+def test_the_per_test_fixtures_ask_pytest_for_no_request_and_work_from_other_fixtures(
+    pytester: pytest.Pytester, private_range: MakeRange
+) -> None:
+    """Asking for ``request`` costs pytest an ``inspect.signature`` each time, more than the rest
+    of a lease: the fixtures find their request from the plugin's hook instead, wherever pytest
+    sets them up (for a test, for another fixture, through ``getfixturevalue``)."""
+    private = private_range(8)
+    pytester.makeconftest(
+        """
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                if item.name != "test_dynamic":  # which asks for it itself
+                    assert "request" not in item.fixturenames, item.fixturenames
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.fixture
+        def pair(free_port, free_socket):
+            return free_port, free_socket.getsockname()[1]
+
+        def test_direct(free_port, free_ports, free_socket):
+            assert free_port != free_socket.getsockname()[1]
+            assert free_ports() not in (free_port, free_socket.getsockname()[1])
+
+        def test_through_a_fixture(pair):
+            assert pair[0] != pair[1]
+        """
+    )
+    pytester.makepyfile(
+        test_dynamic="""
+        def test_dynamic(request):
+            assert request.getfixturevalue("free_port") > 0
+        """
+    )
+    result = run_inline(pytester, "-p", "no:xdist", *private.args)
+    result.assert_outcomes(passed=3, warnings=0)
+
+
 def test_report_header_and_fixture_docs(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
     result = run_inline(pytester, "-p", "no:xdist", "--fixtures")
