@@ -162,6 +162,7 @@ class _Pass:
 
 _OUTCOMES = (_LOCKED, _BOUND, _FORBIDDEN)
 _UNCOUNTED = Stats()  # the figures of callers that keep none (lease_port): never read
+_UNPREPARED = -2  # PortAllocator._dir_fd before the lock dir is prepared
 
 
 class _DirGone(Exception):
@@ -178,6 +179,7 @@ class PortAllocator:
     def __init__(self, lock_dir: str, given: bool, random: RandomSource = _RANDOM) -> None:
         self.lock_dir = lock_dir
         self._dir = LockDir(lock_dir, given)
+        self._dir_fd = _UNPREPARED  # its descriptor once prepared (-1 where the OS has none)
         self._prefix = os.path.join(lock_dir, "")  # of lock file paths
         self._random = random
         self._held: dict[int, Lease] = {}
@@ -269,6 +271,7 @@ class PortAllocator:
             if self._held:
                 held = ", ".join(map(str, sorted(self._held)))
                 raise EphemeralError(f"port(s) {held} still leased in {self.lock_dir}")
+            self._dir_fd = _UNPREPARED
             self._dir.close()
 
     # --- one attempt, under the mutex -------------------------------------------------------
@@ -277,7 +280,9 @@ class PortAllocator:
         self, request: Request, n: int, seen: _Pass, max_tries: int | None, stats: Stats
     ) -> list[int] | None:
         with self._mutex:
-            self._dir.ensure()  # prepared on the first lease; a removed one makes _walk raise
+            if self._dir_fd == _UNPREPARED:  # on the first lease; a removed dir makes _walk raise
+                self._dir.ensure()
+                self._dir_fd = self._dir.fd
             while True:
                 try:
                     leased = self._walk(request, n, seen, max_tries)
@@ -301,7 +306,12 @@ class PortAllocator:
         stop = None if max_tries is None else seen.tries + max_tries
         for first in walk:
             bound_before = seen.bound_tries
-            taken = self._try_block(numbers[first : first + n], request, seen, thread)
+            if n == 1:  # one port: no block to give back on the way (the usual lease)
+                seen.tries += 1
+                lease = self._try(numbers[first], request, seen, thread)
+                taken = [] if lease is None else [lease]
+            else:
+                taken = self._try_block(numbers[first : first + n], request, seen, thread)
             if len(taken) == n:
                 for lease in taken:
                     self._held[lease.port] = lease
@@ -367,7 +377,7 @@ class PortAllocator:
     def _lock(self, port: int, seen: _Pass) -> Locked | None:
         """``port``'s lock file, locked; None if another holder has it."""
         try:
-            locked = try_lock(self.lock_dir, self._dir.fd, port)
+            locked = try_lock(self.lock_dir, self._dir_fd, port)
         except Unusable as unusable:
             seen.met[port] = str(unusable)
             return None
@@ -394,7 +404,7 @@ class PortAllocator:
 
     def _recover(self) -> None:
         """Recreate the lock dir and lock every port held here again, on fresh lock files."""
-        self._dir.reprepare()
+        self._prepare_again()
         pid = current_pid()
         for lease in self._held.values():
             # Inherited over a fork: the parent's to lock again, not this child's.
@@ -402,9 +412,14 @@ class PortAllocator:
                 lease.lost = True
                 self._lost.append(lease.port)
 
+    def _prepare_again(self) -> None:
+        self._dir_fd = _UNPREPARED  # closed first: never used again, whether or not this succeeds
+        self._dir.reprepare()
+        self._dir_fd = self._dir.fd
+
     def _relock(self, lease: Lease) -> bool:
         try:
-            locked = try_lock(self.lock_dir, self._dir.fd, lease.port)
+            locked = try_lock(self.lock_dir, self._dir_fd, lease.port)
         except (Unusable, OSError):
             locked = None
         if locked is None:
@@ -423,7 +438,7 @@ class PortAllocator:
             if len(self._held) > 1:
                 self._recover()
             else:  # nothing else to lock again
-                self._dir.reprepare()
+                self._prepare_again()
         if not lease.lost and not self._in_place(lease):
             lease.lost = True
             self._lost.append(lease.port)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
+from ._holder import current_pid
 from ._warnings import UnleasedPortWarning
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class Binder:
         self.bind0 = bind0
         self.audit = audit
         self.held_here = held_here
-        self.pid = os.getpid()  # a process forked from a test leaves its binds to the OS
+        self.pid = current_pid()  # a process forked from a test leaves its binds to the OS
         self.limit = lease_limit(len(leases.settings.ports))
         self.on_leak: Literal["warn", "count"] = "warn" if audit else "count"
         self.outer_ports = enclosing_run_ports(os.environ)
@@ -134,7 +135,7 @@ class Binder:
             protocol is None
             or self.broken
             or getattr(local, "busy", False)
-            or os.getpid() != self.pid
+            or current_pid() != self.pid
         ):
             return self.base(sock, address)
         port = self._lease(protocol) if self._room() else None
@@ -174,10 +175,12 @@ class Binder:
 
     def _room(self) -> bool:
         """Whether this process may take one more bind0 lease. The ports taken are pruned of
-        ended leases only when they reach the limit: no bookkeeping per lease end."""
+        ended leases only when they reach the limit: no bookkeeping per lease end. (The common
+        case reads a size without the mutex: a bound, which another thread's bind may pass by
+        one.)"""
+        if len(self._mine) < self.limit:
+            return True
         with self._mutex:
-            if len(self._mine) < self.limit:
-                return True
             self._mine = {port for port in self._mine if self.leases.holds(port)}
             return len(self._mine) < self.limit
 
@@ -187,7 +190,7 @@ class Binder:
         """A bind to a nonzero port: as asked, then a warning if no lease of ours covers it."""
         self.base(sock, address)
         protocol = _caught(sock)
-        if protocol is None or getattr(self._local, "busy", False) or os.getpid() != self.pid:
+        if protocol is None or getattr(self._local, "busy", False) or current_pid() != self.pid:
             return  # not a TCP or UDP socket, the plugin's own bind, a forked child's
         port = address[1]
         if port in self.outer_ports or self.held_here(port):

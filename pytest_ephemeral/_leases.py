@@ -141,10 +141,10 @@ class SessionLeases:
         self._allocator: PortAllocator | None = None
         self._still_in_use: _LeakCheck | None = None  # loaded with the allocator
         self._request_for: Callable[..., Request] | None = None  # the same
-        #: Requests for the session's range by (protocol, label): made once per test, not per
+        #: Requests for the session's range by (protocol, item): made once per test, not per
         #: lease (a bind0 lease pays for each call here: the "bind0: the recipe, leased" row of
         #: benchmarks/bench.py). Cleared when it grows to _MAX_REQUESTS.
-        self._requests: dict[tuple[Protocol, str | None], Request] = {}
+        self._requests: dict[tuple[Protocol, pytest.Item | None], Request] = {}
         self._mutex = threading.Lock()
 
     # --- what runs now (the plugin's hooks say) ---------------------------------------------
@@ -170,12 +170,14 @@ class SessionLeases:
 
     def current_scope(self) -> Scope:
         """Who asks now: the fixture being set up, else the running test, else the session."""
-        item, fixtures = self._item, self._fixtures
-        try:  # read from other threads too (a server's), while the main thread sets up fixtures
-            fixturedef, request = fixtures[-1]
-        except IndexError:
-            return Scope(item)
-        return Scope(item, fixturedef, request)
+        # Read from other threads too (a server's) while the main thread sets up fixtures: a
+        # slice of the stack, which never raises, not a test then an index, which could. (Not
+        # an IndexError caught either: raising one costs more than the rest of this call, and a
+        # test's own bind(0) comes here with no fixture being set up.)
+        top = self._fixtures[-1:]
+        if top:
+            return Scope(self._item, *top[0])
+        return Scope(self._item)
 
     # --- leasing ------------------------------------------------------------------------------
 
@@ -196,13 +198,14 @@ class SessionLeases:
         return self._allocator
 
     def take(
-        self, n: int, protocol: Protocol, label: str | None, ports: PortRange | None = None
+        self, n: int, protocol: Protocol, item: pytest.Item | None, ports: PortRange | None = None
     ) -> list[int]:
-        """Lease ``n`` consecutive ports of ``ports`` (default: the session's range), waiting up
-        to the timeout; whoever calls this ends the leases."""
+        """Lease ``n`` consecutive ports of ``ports`` (default: the session's range) for ``item``
+        (its holder records name it; None: the session), waiting up to the timeout; whoever calls
+        this ends the leases."""
         allocator = self.allocator
         try:  # rather than ``with ADVICE``: two calls fewer on every lease
-            taken = allocator.lease(self._request(protocol, label, ports), n, self._stats)
+            taken = allocator.lease(self._request(protocol, item, ports), n, self._stats)
         except BaseException as error:
             ADVICE.add_to(error)
             raise
@@ -224,7 +227,7 @@ class SessionLeases:
         rejected: list[int] = []  # kept until a good one comes, so the search moves past them
         try:
             while True:
-                port = self.take(1, protocol, scope.nodeid, ports)[0]
+                port = self.take(1, protocol, scope.item, ports)[0]
                 if port not in exclude:
                     break
                 rejected.append(port)
@@ -249,7 +252,7 @@ class SessionLeases:
             return None
         scope = scope or self.current_scope()
         allocator = self.allocator
-        port = allocator.try_lease(self._request(protocol, scope.nodeid), max_tries, self._stats)
+        port = allocator.try_lease(self._request(protocol, scope.item), max_tries, self._stats)
         if port is None:
             return None
         self._ended.discard(port)
@@ -257,16 +260,19 @@ class SessionLeases:
         return port
 
     def _request(
-        self, protocol: Protocol, label: str | None, ports: PortRange | None = None
+        self, protocol: Protocol, item: pytest.Item | None, ports: PortRange | None = None
     ) -> Request:
-        """The request for a lease of ``ports`` (default: the range) labelled ``label``."""
+        """The request for a lease of ``ports`` (default: the range) for ``item``. Cached by the
+        item itself, not its nodeid: pytest 9 builds a nodeid's string on every read."""
         assert self._request_for is not None  # set with the allocator
         if ports is not None:  # an adapter's own range: rare, not cached
+            label = None if item is None else item.nodeid
             settings = self.settings._replace(ports=ports)
             return self._request_for(settings, protocol, self.holder, label)
-        key = (protocol, label)
+        key = (protocol, item)
         request = self._requests.get(key)
         if request is None:
+            label = None if item is None else item.nodeid
             if len(self._requests) >= _MAX_REQUESTS:
                 self._requests.clear()
             request = self._requests[key] = self._request_for(
@@ -445,7 +451,7 @@ class PortFactory:
     def block(self, n: int, *, protocol: Protocol = "tcp") -> list[int]:
         """Lease ``n`` consecutive ports, bind-checked for ``protocol``."""
         scope = self._scope()
-        ports = self._leases.take(n, protocol, scope.nodeid)
+        ports = self._leases.take(n, protocol, scope.item)
         with self._mutex:
             self._mine.update(dict.fromkeys(ports, scope))
         return ports
@@ -525,7 +531,7 @@ def _bound_socket(
 
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
     for attempt in range(1, 4):
-        port = leases.take(1, protocol, scope.nodeid)[0]
+        port = leases.take(1, protocol, scope.item)[0]
         try:
             return bound_socket(family_of(host), kind, host, port)
         except BaseException as error:
