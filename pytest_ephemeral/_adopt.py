@@ -35,15 +35,17 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import _leases
 from ._errors import PortsExhausted
-from ._leases import PortFactory, SessionLeases
-from ._probe import Protocol
 from ._settings import ADAPTERS
+
+if TYPE_CHECKING:
+    from ._leases import PortFactory, SessionLeases
+    from ._probe import Protocol
 
 #: Fixtures that hand out one port per test: tests using them must not run in several threads.
 ONE_PORT_PER_TEST = (

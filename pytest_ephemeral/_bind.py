@@ -41,8 +41,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from ._warnings import UnleasedPortWarning
-
 if TYPE_CHECKING:
     from ._leases import SessionLeases
 
@@ -198,6 +196,8 @@ class Binder:
             if key in self._warned:
                 return
             self._warned.add(key)
+        from ._warnings import UnleasedPortWarning  # the first unleased bind: most runs have none
+
         warnings.warn(
             UnleasedPortWarning(
                 f"{scope.describe()} bound {protocol.upper()} port {port}, which pytest-ephemeral"

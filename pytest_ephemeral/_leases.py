@@ -31,21 +31,21 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, final
 import pytest
 
 from ._errors import Advice, ConfigError, PortNotLeased
-from ._holder import Holder
-from ._probe import Protocol, Targets, bind_targets
-from ._settings import Settings
-from ._warnings import EphemeralPortWarning
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the modules of leasing load on the first lease (a run may lease nothing)
     from ._allocator import PortAllocator, Request, Stats
+    from ._holder import Holder
+    from ._probe import Protocol, Targets
     from ._ranges import PortRange
+    from ._settings import Settings
+    from ._warnings import EphemeralPortWarning
 
 SocketProtocol = Literal["tcp", "udp"]
 #: What the end of a lease does when its port is still in use: warn, or only count it.
 OnLeak = Literal["warn", "count"]
 _T = TypeVar("_T")
 _MAX_REQUESTS = 64
-_LeakCheck = Callable[[int, str, Targets, "tuple[socket.SocketKind, ...]", bool], "str | None"]
+_LeakCheck = Callable[[int, str, "Targets", "tuple[socket.SocketKind, ...]", bool], "str | None"]
 
 ADVICE = Advice(
     lock_dir="Fix this and try again, or choose another lock dir with --ephemeral-lock-dir.",
@@ -104,10 +104,16 @@ class SessionLeases:
     """The leases of one pytest session in one process: settings, who asked for each lease, the
     allocator, and the figures of the run summary. ``leases_of(config)`` returns it."""
 
-    def __init__(self, config: pytest.Config, settings: Settings, holder: Holder) -> None:
+    def __init__(
+        self, config: pytest.Config, settings: Settings, worker: str | None, testrun: str | None
+    ) -> None:
         self.config = config
         self.settings = settings
-        self.holder = holder
+        #: The xdist worker and test run (None: not under xdist) of the holder, made on the first
+        #: lease: a run that leases nothing records no holder.
+        self._worker = worker
+        self._testrun = testrun
+        self._holder: Holder | None = None
         #: Figures of the adapters (``bind0``'s binds, say), summed over xdist workers.
         self.counters: Counter[str] = Counter()
         self.leaks = 0
@@ -168,9 +174,13 @@ class SessionLeases:
         if self._allocator is None:
             with self._mutex:
                 if self._allocator is None:
+                    from uuid import uuid4
+
                     from ._allocator import Stats, allocator_for, request_for  # filelock: 1st lease
+                    from ._holder import this_process
                     from ._leakcheck import still_in_use
 
+                    self._holder = this_process(self._worker, self._testrun or uuid4().hex)
                     self._request_for = request_for
                     self._still_in_use = still_in_use
                     self._stats = Stats()
@@ -243,16 +253,17 @@ class SessionLeases:
     ) -> Request:
         """The request for a lease of ``ports`` (default: the range) labelled ``label``."""
         assert self._request_for is not None  # set with the allocator
+        assert self._holder is not None  # the same
         if ports is not None:  # an adapter's own range: rare, not cached
             settings = self.settings._replace(ports=ports)
-            return self._request_for(settings, protocol, self.holder, label)
+            return self._request_for(settings, protocol, self._holder, label)
         key = (protocol, label)
         request = self._requests.get(key)
         if request is None:
             if len(self._requests) >= _MAX_REQUESTS:
                 self._requests.clear()
             request = self._requests[key] = self._request_for(
-                self.settings, protocol, self.holder, label
+                self.settings, protocol, self._holder, label
             )
         return request
 
@@ -331,6 +342,9 @@ class SessionLeases:
         Checked while the lease is still held, so whatever uses the port is the test's own, and
         released whatever happens, so a warning made an error (-W error) cannot keep the lease.
         """
+        from ._probe import bind_targets  # loaded with the allocator, the first lease
+        from ._warnings import EphemeralPortWarning
+
         allocator, host = self.allocator, self.settings.host
         try:
             assert self._still_in_use is not None  # set with the allocator
@@ -360,6 +374,8 @@ class SessionLeases:
     def report_late(self, leaks: list[tuple[Scope, EphemeralPortWarning]]) -> None:
         """Leaks found at the end of the session, reported under the test or fixture that leased
         the port (not the last test to run, which did nothing wrong, and which they cannot fail)."""
+        from ._warnings import EphemeralPortWarning  # only after leases: loaded by end_lease
+
         for scope, warning in leaks:
             filename, line = scope.location()
             # The warning filters in force (-W, filterwarnings) decide whether it is shown; made
@@ -524,9 +540,12 @@ _FACTORY = pytest.StashKey[PortFactory]()
 _TEST_FACTORY = pytest.StashKey[PortFactory]()
 
 
-def start(config: pytest.Config, settings: Settings, holder: Holder) -> SessionLeases:
-    """Begin the session's leases (from ``pytest_configure``)."""
-    leases = config.stash[_LEASES] = SessionLeases(config, settings, holder)
+def start(
+    config: pytest.Config, settings: Settings, worker: str | None, testrun: str | None
+) -> SessionLeases:
+    """Begin the session's leases (from ``pytest_configure``); ``worker`` and ``testrun`` are
+    xdist's ids of this process and run (None: a run of its own)."""
+    leases = config.stash[_LEASES] = SessionLeases(config, settings, worker, testrun)
     config.stash[_FACTORY] = PortFactory(leases)
     return leases
 

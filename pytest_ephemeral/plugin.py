@@ -12,17 +12,18 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Generator, Iterator
-from typing import Any
-from uuid import uuid4
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import _adopt, _bind, _leases
 from ._current import Session, close_session, open_session
 from ._errors import ConfigError
-from ._holder import this_process
-from ._leases import PortFactory
-from ._settings import TABLE, Layer
+from ._settings import TABLE
+
+if TYPE_CHECKING:
+    from ._leases import PortFactory
+    from ._settings import Layer
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
@@ -59,8 +60,9 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
     workerinput = getattr(config, "workerinput", None) or {}
-    holder = this_process(workerinput.get("workerid"), workerinput.get("testrunuid") or uuid4().hex)
-    leases = _leases.start(config, settings, holder)
+    leases = _leases.start(
+        config, settings, workerinput.get("workerid"), workerinput.get("testrunuid")
+    )
     config.stash[_CURRENT] = open_session(Session(layers, settings))  # lease_port() here uses them
     _adopt.configure(config, leases)  # adapters for other port helpers (setting adopt)
     _bind.configure(config, leases)  # bind(0) leased (adapter bind0), fixed ports found (audit)
