@@ -213,6 +213,15 @@ def _leased(
 # --- patching, now or when the module is imported ------------------------------------------------
 
 
+#: ``sys.getrefcount`` where reference counts are exact enough to tell that nothing else holds an
+#: object (CPython with the GIL; not PyPy, nor the free-threaded build's deferred counts).
+_REFCOUNT: Callable[[object], int] | None = (
+    getattr(sys, "getrefcount", None)
+    if sys.implementation.name == "cpython" and "t" not in getattr(sys, "abiflags", "")
+    else None
+)
+
+
 class _Patches(importlib.abc.MetaPathFinder):
     """Replaced module attributes, to restore; patches modules that are imported later."""
 
@@ -232,21 +241,38 @@ class _Patches(importlib.abc.MetaPathFinder):
                 sys.meta_path.insert(0, self)
 
     def replace(self, module: ModuleType, name: str, replacement: object) -> None:
-        """Set ``module.name``, and every loaded module's copy of it, to ``replacement``."""
+        """Set ``module.name``, and every loaded module's copy of it, to ``replacement``.
+
+        The modules of the library's own package are looked at first: the copies are most
+        likely there. Once nothing but this frame refers to the original any more (as far as
+        CPython's reference counts tell), no other module can hold a copy, and the rest of the
+        modules (hundreds, with tens of thousands of values) need not be searched.
+        """
         original = getattr(module, name)
-        holders = [module]
+        alone = object()  # held by this frame only: the count ``original`` falls to at the end
+        top = module.__name__.partition(".")[0]
+        modules = list(sys.modules.items())
+        ours = [m for key, m in modules if key == top or key.startswith(top + ".")]
+        self._replace_in([module, *ours], original, replacement)
+        if _REFCOUNT is not None:
+            kept = sum(entry[2] is original for entry in self._done)  # for restore()
+            if _REFCOUNT(original) - kept <= _REFCOUNT(alone):
+                return
+        self._replace_in([m for _, m in modules], original, replacement)
+
+    def _replace_in(
+        self, holders: Iterable[ModuleType], original: object, replacement: object
+    ) -> None:
+        """Set each attribute of ``holders`` (modules) that *is* ``original`` to ``replacement``."""
         same = itertools.repeat(original)
-        for other in list(sys.modules.values()):
-            namespace = getattr(other, "__dict__", None)
-            # Identity, compared in C: some 27,000 values here, and == could run foreign code.
-            if (
-                other is not module
-                and isinstance(namespace, dict)
-                and any(map(operator.is_, list(namespace.values()), same))
-            ):
-                holders.append(other)
         for holder in holders:
-            for attribute, value in list(vars(holder).items()):
+            namespace = getattr(holder, "__dict__", None)
+            # Identity, compared in C: some 27,000 values here, and == could run foreign code.
+            if not isinstance(namespace, dict) or not any(
+                map(operator.is_, list(namespace.values()), same)
+            ):
+                continue
+            for attribute, value in list(namespace.items()):
                 if value is original:
                     setattr(holder, attribute, replacement)
                     self._done.append((holder, attribute, original, replacement))
