@@ -39,12 +39,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import _leases
 from ._errors import PortsExhausted
 from ._settings import ADAPTERS
 
 if TYPE_CHECKING:
-    from ._leases import PortFactory, SessionLeases
+    from ._factory import PortFactory
+    from ._leases import SessionLeases
     from ._probe import Protocol
 
 #: Fixtures that hand out one port per test: tests using them must not run in several threads.
@@ -345,7 +345,9 @@ class _PatchAfter(importlib.abc.Loader):
 
 
 def _for_this_test(request: pytest.FixtureRequest, protocol: Protocol) -> Iterator[int]:
-    return _leases.one_port(request, protocol)
+    from ._factory import one_port  # loaded by the first fixture that leases
+
+    return one_port(request, protocol)
 
 
 @pytest.fixture(name="unused_tcp_port")

@@ -3,9 +3,9 @@
 Rule: every lease a pytest session takes is held here, under the scope that asked for it, and ends
 in one of three ways:
 
-- a factory's leases (``PortFactory``): at ``release(port)``, else when the factory's leases end:
-  the test's teardown for ``free_ports`` (and ``free_port``, ``free_socket``, which lease through
-  it), the session's end for ``port_factory``;
+- a factory's leases (``PortFactory``, in ``_factory``): at ``release(port)``, else when the
+  factory's leases end: the test's teardown for ``free_ports`` (and ``free_port``, ``free_socket``,
+  which lease through it), the session's end for ``port_factory``;
 - scoped leases (the library adapters, ``bind0``): with the scope running when they were asked
   for: the fixture being set up (at its teardown), else the test (after its teardown), else the
   session;
@@ -15,6 +15,9 @@ A lease that ends while its port is still in use is a leak: an ``EphemeralPortWa
 test or fixture that leased it (or, for leases that ask so, a count in the run summary). The
 plugin's hooks tell ``SessionLeases`` which test runs and which fixture is being set up; the
 plugin's fixtures and the adapters lease through it and import nothing else of each other.
+
+Only this bookkeeping loads at start-up; the factories (``_factory``) and the allocator load when a
+test first leases.
 """
 
 from __future__ import annotations
@@ -26,24 +29,23 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, final
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from ._errors import Advice, ConfigError, PortNotLeased
+from ._errors import Advice, PortNotLeased
 
 if TYPE_CHECKING:  # the modules of leasing load on the first lease (a run may lease nothing)
     from ._allocator import PortAllocator, Request, Stats
+    from ._factory import PortFactory
     from ._holder import Holder
     from ._probe import Protocol, Targets
     from ._ranges import PortRange
     from ._settings import Settings
     from ._warnings import EphemeralPortWarning
 
-SocketProtocol = Literal["tcp", "udp"]
 #: What the end of a lease does when its port is still in use: warn, or only count it.
 OnLeak = Literal["warn", "count"]
-_T = TypeVar("_T")
 _MAX_REQUESTS = 64
 _LeakCheck = Callable[[int, str, "Targets", "tuple[socket.SocketKind, ...]", bool], "str | None"]
 
@@ -134,6 +136,9 @@ class SessionLeases:
         #: lease (a bind0 lease pays for each call here: the "bind0: the recipe, leased" row of
         #: benchmarks/bench.py). Cleared when it grows to _MAX_REQUESTS.
         self._requests: dict[tuple[Protocol, str | None], Request] = {}
+        #: What ``finish`` runs at the end of the session, before the scoped leases end: the
+        #: session factory's end, once ``port_factory`` has made one.
+        self.at_finish: list[Callable[[], object]] = []
         self._mutex = threading.Lock()
 
     # --- what runs now (the plugin's hooks say) ---------------------------------------------
@@ -416,128 +421,12 @@ class SessionLeases:
         return {**self._totals, "peak": self._peak}
 
 
-@final
-class PortFactory:
-    """Leases ports, consecutive blocks and bound sockets, over TCP, UDP or both.
-
-    ``port_factory`` returns the session's: its leases last until ``release(port)`` or the end of
-    the session. ``free_ports`` returns one per test: its leases end at the test's teardown. Either
-    way a lease that ends while its port is still in use emits ``EphemeralPortWarning``.
-    """
-
-    __module__ = "pytest_ephemeral"
-
-    def __init__(self, leases: SessionLeases, owner: pytest.Item | None = None) -> None:
-        self._leases = leases
-        self._owner = owner  # the test whose teardown ends these leases; None: the session
-        self._mine: dict[int, Scope] = {}
-        self._sockets: dict[int, socket.socket] = {}
-        self._own_teardown: set[int] = set()  # leases a fixture of their own ends (free_port)
-        self._set_up = False  # a test's factory: whether ``free_ports`` is set up now
-        self._mutex = threading.Lock()
-
-    def __call__(self, *, protocol: Protocol = "tcp") -> int:
-        """Lease one port, bind-checked for ``protocol``: "tcp", "udp" or "both"."""
-        return self.block(1, protocol=protocol)[0]
-
-    def block(self, n: int, *, protocol: Protocol = "tcp") -> list[int]:
-        """Lease ``n`` consecutive ports, bind-checked for ``protocol``."""
-        scope = self._scope()
-        ports = self._leases.take(n, protocol, scope.nodeid)
-        with self._mutex:
-            self._mine.update(dict.fromkeys(ports, scope))
-        return ports
-
-    def socket(self, *, protocol: SocketProtocol = "tcp", host: str | None = None) -> socket.socket:
-        """A socket already bound to a newly leased port on ``host`` (default: the configured host).
-
-        ``protocol`` is "tcp" (not yet listening) or "udp". The socket is closed, and the lease
-        ended, by ``release(port)`` or when the factory's leases end.
-        """
-        if protocol not in ("tcp", "udp"):
-            raise ConfigError(f"a socket's protocol must be 'tcp' or 'udp', not {protocol!r}")
-        scope = self._scope()
-        sock = _bound_socket(self._leases, protocol, host or self._leases.settings.host, scope)
-        port = sock.getsockname()[1]
-        with self._mutex:
-            self._mine[port] = scope
-            self._sockets[port] = sock
-        return sock
-
-    def release(self, port: int) -> None:
-        """End the lease of one port early; ``PortNotLeased`` (a ``ValueError``) if this factory
-        does not hold it, or released it already."""
-        warning = self._end(port)
-        if warning is not None:
-            warnings.warn(warning, stacklevel=2)
-
-    def _scope(self) -> Scope:
-        return Scope(self._owner) if self._owner is not None else self._leases.current_scope()
-
-    def _end(self, port: int) -> EphemeralPortWarning | None:
-        with self._mutex:
-            scope = self._mine.pop(port, None)
-            sock = self._sockets.pop(port, None)
-            self._own_teardown.discard(port)
-        if scope is None:
-            if self._leases.was_released(port):
-                raise PortNotLeased(f"port {port} was already released")
-            raise PortNotLeased(f"port {port} is not leased by this factory")
-        if sock is not None:
-            sock.close()
-        return self._leases.end_lease(port, scope)
-
-    def _end_all(self) -> list[tuple[Scope, EphemeralPortWarning]]:
-        """End every lease still held, but those a fixture of their own ends; the leaks found,
-        with who leased each.
-
-        Every lease is ended, whatever goes wrong with one of them (no descriptor left for the
-        leak check, say); the first such error is raised once they all are.
-        """
-        leaks = []
-        failure: BaseException | None = None
-        with self._mutex:
-            mine = {port: s for port, s in self._mine.items() if port not in self._own_teardown}
-        for port, scope in sorted(mine.items()):
-            try:
-                warning = self._end(port)
-            except PortNotLeased:
-                continue  # released meanwhile by another thread
-            except BaseException as error:
-                failure = failure or error
-                continue
-            if warning is not None:
-                leaks.append((scope, warning))
-        if failure is not None:
-            raise failure
-        return leaks
-
-
-def _bound_socket(
-    leases: SessionLeases, protocol: SocketProtocol, host: str, scope: Scope
-) -> socket.socket:
-    """A socket bound to a newly leased port. A program that ignores the locks could bind the
-    port between the probe and this bind: then the lease goes back and the next port is tried.
-    """
-    from ._probe import bound_socket, family_of
-
-    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
-    for attempt in range(1, 4):
-        port = leases.take(1, protocol, scope.nodeid)[0]
-        try:
-            return bound_socket(family_of(host), kind, host, port)
-        except BaseException as error:
-            leases.allocator.release(port)
-            if not isinstance(error, OSError) or attempt == 3:
-                raise
-    raise AssertionError("unreachable")
-
-
 # --- the session, kept on the config ------------------------------------------------------------
 
 _LEASES = pytest.StashKey[SessionLeases]()
-_FACTORY = pytest.StashKey[PortFactory]()
-_TEST_FACTORY = pytest.StashKey[PortFactory]()
+#: The running test's factory (``free_ports``), kept on the test until it ends; ``_factory`` makes
+#: it, on the test's first lease.
+TEST_FACTORY: pytest.StashKey[PortFactory] = pytest.StashKey()
 
 
 def start(
@@ -546,7 +435,6 @@ def start(
     """Begin the session's leases (from ``pytest_configure``); ``worker`` and ``testrun`` are
     xdist's ids of this process and run (None: a run of its own)."""
     leases = config.stash[_LEASES] = SessionLeases(config, settings, worker, testrun)
-    config.stash[_FACTORY] = PortFactory(leases)
     return leases
 
 
@@ -564,7 +452,8 @@ def finish(config: pytest.Config) -> None:
     if _LEASES in config.stash:
         leases = config.stash[_LEASES]
         try:
-            config.stash[_FACTORY]._end_all()
+            for end in leases.at_finish:  # the session's factory, if a test asked for it
+                end()
         finally:
             leases.end_scoped_leases()
 
@@ -572,81 +461,5 @@ def finish(config: pytest.Config) -> None:
 def test_finished(item: pytest.Item) -> None:
     """The test and its fixtures are torn down: end its scoped leases, forget its factory."""
     leases_of(item.config).end_test(item)
-    if _TEST_FACTORY in item.stash:  # its leases have ended with the test's fixtures
-        del item.stash[_TEST_FACTORY]
-
-
-# --- the fixtures' leases ---------------------------------------------------------------------
-
-
-def session_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
-    """The body of ``port_factory``: the session's factory, whose leases end with the session;
-    a port still in use then is reported under the test or fixture that leased it."""
-    factory = request.config.stash[_FACTORY]
-    yield factory
-    factory._leases.report_late(factory._end_all())
-
-
-def test_factory(request: pytest.FixtureRequest) -> PortFactory:
-    """The factory of the running test's leases, kept on the test until it ends: ``free_ports``
-    is it, and ``free_port`` and ``free_socket`` lease through it, so ``free_ports.release()``
-    ends theirs too.
-
-    Not a fixture of its own: ``free_port`` asks pytest for no other fixture, which would cost
-    every test that uses it a fixture set-up and teardown more than its own recipe did.
-    """
-    item: pytest.Item = request.node
-    factory = item.stash.get(_TEST_FACTORY, None)
-    if factory is None:
-        factory = item.stash[_TEST_FACTORY] = PortFactory(leases_of(request.config), item)
-    return factory
-
-
-def test_ports(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
-    """The body of ``free_ports``: the test's factory, whose leases end at its teardown."""
-    factory = test_factory(request)
-    factory._set_up = True
-    yield factory
-    try:
-        leaks = factory._end_all()
-    finally:
-        factory._set_up = False
-    for _, warning in leaks:
-        request.node.warn(warning)
-
-
-def one_port(request: pytest.FixtureRequest, protocol: Protocol = "tcp") -> Iterator[int]:
-    """The body of a fixture giving a test one port, leased through the test's factory."""
-    factory = test_factory(request)
-    port = factory(protocol=protocol)
-    yield from _until_teardown(request, factory, port, port)
-
-
-def one_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
-    """The body of ``free_socket``: a TCP socket bound to a port leased for the test."""
-    factory = test_factory(request)
-    sock = factory.socket()
-    yield from _until_teardown(request, factory, sock.getsockname()[1], sock)
-
-
-def _until_teardown(
-    request: pytest.FixtureRequest, factory: PortFactory, port: int, value: _T
-) -> Iterator[_T]:
-    """Yield a one-port fixture's ``value``, then end the lease of ``port`` at the fixture's
-    teardown, after the fixtures that use it. Unless ``free_ports`` is still set up: a fixture
-    using that may hold the port too (a server factory the test handed ``free_port``), so its
-    teardown, which comes later, ends the lease.
-    """
-    with factory._mutex:
-        factory._own_teardown.add(port)
-    yield value
-    with factory._mutex:
-        factory._own_teardown.discard(port)
-        if factory._set_up:
-            return
-    try:
-        warning = factory._end(port)
-    except PortNotLeased:  # released already, through free_ports.release()
-        return
-    if warning is not None:
-        request.node.warn(warning)  # located at the test, shown under its node id
+    if TEST_FACTORY in item.stash:  # its leases have ended with the test's fixtures
+        del item.stash[TEST_FACTORY]

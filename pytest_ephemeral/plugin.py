@@ -22,7 +22,7 @@ from ._errors import ConfigError
 from ._settings import TABLE
 
 if TYPE_CHECKING:
-    from ._leases import PortFactory
+    from ._factory import PortFactory
     from ._settings import Layer
 
 
@@ -159,7 +159,9 @@ def port_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
     Every other lease ends when the session ends; a port still in use then is reported under the
     test or fixture that leased it.
     """
-    yield from _leases.session_factory(request)
+    from ._factory import session_factory  # the factories load when a test first asks for ports
+
+    yield from session_factory(request)
 
 
 @pytest.fixture
@@ -171,14 +173,18 @@ def free_ports(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
     Every other lease ends at the test's teardown, after the fixtures that use it, with the same
     leak check as ``free_port``.
     """
-    yield from _leases.test_ports(request)
+    from ._factory import test_ports  # the factories load when a test first asks for ports
+
+    yield from test_ports(request)
 
 
 @pytest.fixture
 def free_port(request: pytest.FixtureRequest) -> Iterator[int]:
     """A TCP port leased for this test alone: free now, and held from other tests and pytest runs
     until this test's teardown, after the fixtures that use it."""
-    yield from _leases.one_port(request)
+    from ._factory import one_port  # the factories load when a test first asks for ports
+
+    yield from one_port(request)
 
 
 @pytest.fixture
@@ -187,4 +193,6 @@ def free_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
     listening: hand it to a server (asyncio ``start_server(sock=...)``, ``socketserver``, uvicorn
     ``fd=``) and no other program can take the port in between. Closed, and the lease ended, at
     teardown; closing it earlier does not end the lease."""
-    yield from _leases.one_socket(request)
+    from ._factory import one_socket  # the factories load when a test first asks for ports
+
+    yield from one_socket(request)
