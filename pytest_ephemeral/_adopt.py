@@ -213,13 +213,21 @@ def _leased(
 # --- patching, now or when the module is imported ------------------------------------------------
 
 
-#: ``sys.getrefcount`` where reference counts are exact enough to tell that nothing else holds an
-#: object (CPython with the GIL; not PyPy, nor the free-threaded build's deferred counts).
-_REFCOUNT: Callable[[object], int] | None = (
-    getattr(sys, "getrefcount", None)
-    if sys.implementation.name == "cpython" and "t" not in getattr(sys, "abiflags", "")
-    else None
-)
+def _exact_refcount() -> Callable[[object], int] | None:
+    """``sys.getrefcount`` where reference counts are exact enough to tell that nothing else holds
+    an object: CPython with the GIL; not PyPy, nor the free-threaded build (3.13+), which defers
+    some counts."""
+    if sys.implementation.name != "cpython":
+        return None
+    if sys.version_info >= (3, 13):
+        import sysconfig  # only where a free-threaded build exists
+
+        if sysconfig.get_config_var("Py_GIL_DISABLED"):
+            return None
+    return sys.getrefcount
+
+
+_REFCOUNT = _exact_refcount()
 
 
 class _Patches(importlib.abc.MetaPathFinder):
