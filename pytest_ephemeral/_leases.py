@@ -107,12 +107,12 @@ class SessionLeases:
     allocator, and the figures of the run summary. ``leases_of(config)`` returns it."""
 
     def __init__(
-        self, config: pytest.Config, settings: Settings, worker: str | None, testrun: str | None
+        self, config: pytest.Config, settings: Settings, worker: str | None, testrun: str
     ) -> None:
         self.config = config
         self.settings = settings
-        #: The xdist worker and test run (None: not under xdist) of the holder, made on the first
-        #: lease: a run that leases nothing records no holder.
+        #: The xdist worker (None: not under xdist) and the test run of the holder, made on the
+        #: first lease: a run that leases nothing records no holder.
         self._worker = worker
         self._testrun = testrun
         self._holder: Holder | None = None
@@ -179,13 +179,11 @@ class SessionLeases:
         if self._allocator is None:
             with self._mutex:
                 if self._allocator is None:
-                    from uuid import uuid4
-
                     from ._allocator import Stats, allocator_for, request_for  # filelock: 1st lease
                     from ._holder import this_process
                     from ._leakcheck import still_in_use
 
-                    self._holder = this_process(self._worker, self._testrun or uuid4().hex)
+                    self._holder = this_process(self._worker, self._testrun)
                     self._request_for = request_for
                     self._still_in_use = still_in_use
                     self._stats = Stats()
@@ -430,10 +428,10 @@ TEST_FACTORY: pytest.StashKey[PortFactory] = pytest.StashKey()
 
 
 def start(
-    config: pytest.Config, settings: Settings, worker: str | None, testrun: str | None
+    config: pytest.Config, settings: Settings, worker: str | None, testrun: str
 ) -> SessionLeases:
-    """Begin the session's leases (from ``pytest_configure``); ``worker`` and ``testrun`` are
-    xdist's ids of this process and run (None: a run of its own)."""
+    """Begin the session's leases (from ``pytest_configure``); ``worker`` is xdist's id of this
+    process (None: not a worker), ``testrun`` the run's (xdist's, or one of the run's own)."""
     leases = config.stash[_LEASES] = SessionLeases(config, settings, worker, testrun)
     return leases
 

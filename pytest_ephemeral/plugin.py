@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
+from uuid import uuid4
 
 import pytest
 
@@ -60,9 +61,10 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
     workerinput = getattr(config, "workerinput", None) or {}
-    leases = _leases.start(
-        config, settings, workerinput.get("workerid"), workerinput.get("testrunuid")
-    )
+    # The run's id now, not with the holder on the first lease: a process forked from this one
+    # (a test's multiprocessing) records the same test run.
+    testrun = workerinput.get("testrunuid") or uuid4().hex
+    leases = _leases.start(config, settings, workerinput.get("workerid"), testrun)
     config.stash[_CURRENT] = open_session(Session(layers, settings))  # lease_port() here uses them
     _adopt.configure(config, leases)  # adapters for other port helpers (setting adopt)
     _bind.configure(config, leases)  # bind(0) leased (adapter bind0), fixed ports found (audit)
