@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pytest_ephemeral import PortsExhausted, lease_port
 from pytest_ephemeral._leakcheck import still_in_use
-from pytest_ephemeral._lockdir import default_lock_dir
 from pytest_ephemeral._probe import bind_targets
 from pytest_ephemeral._ranges import format_spans, read_system_ports
+from pytest_ephemeral._settings import default_lock_dir
 from pytest_ephemeral._sources import load
 
 # Run as a script: the repository root on the path, for the harness the test suite uses too.

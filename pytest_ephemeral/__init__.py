@@ -18,7 +18,7 @@ from ._errors import (
 TYPE_CHECKING = False  # not typing's: importing typing would be most of this module's cost
 if TYPE_CHECKING:
     from ._api import lease_block, lease_port
-    from ._leases import PortFactory
+    from ._factory import PortFactory
     from ._warnings import EphemeralPortWarning, UnleasedPortWarning
 
     __version__: str
@@ -39,7 +39,7 @@ __all__ = [
 
 _LAZY = {
     "EphemeralPortWarning": "._warnings",
-    "PortFactory": "._leases",
+    "PortFactory": "._factory",
     "UnleasedPortWarning": "._warnings",
     "lease_block": "._api",
     "lease_port": "._api",

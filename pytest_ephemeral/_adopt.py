@@ -35,15 +35,17 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import _leases
 from ._errors import PortsExhausted
-from ._leases import PortFactory, SessionLeases
-from ._probe import Protocol
 from ._settings import ADAPTERS
+
+if TYPE_CHECKING:
+    from ._factory import PortFactory
+    from ._leases import SessionLeases
+    from ._probe import Protocol
 
 #: Fixtures that hand out one port per test: tests using them must not run in several threads.
 ONE_PORT_PER_TEST = (
@@ -211,6 +213,23 @@ def _leased(
 # --- patching, now or when the module is imported ------------------------------------------------
 
 
+def _exact_refcount() -> Callable[[object], int] | None:
+    """``sys.getrefcount`` where reference counts are exact enough to tell that nothing else holds
+    an object: CPython with the GIL; not PyPy, nor the free-threaded build (3.13+), which defers
+    some counts."""
+    if sys.implementation.name != "cpython":
+        return None
+    if sys.version_info >= (3, 13):
+        import sysconfig  # only where a free-threaded build exists
+
+        if sysconfig.get_config_var("Py_GIL_DISABLED"):
+            return None
+    return sys.getrefcount
+
+
+_REFCOUNT = _exact_refcount()
+
+
 class _Patches(importlib.abc.MetaPathFinder):
     """Replaced module attributes, to restore; patches modules that are imported later."""
 
@@ -230,21 +249,38 @@ class _Patches(importlib.abc.MetaPathFinder):
                 sys.meta_path.insert(0, self)
 
     def replace(self, module: ModuleType, name: str, replacement: object) -> None:
-        """Set ``module.name``, and every loaded module's copy of it, to ``replacement``."""
+        """Set ``module.name``, and every loaded module's copy of it, to ``replacement``.
+
+        The modules of the library's own package are looked at first: the copies are most
+        likely there. Once nothing but this frame refers to the original any more (as far as
+        CPython's reference counts tell), no other module can hold a copy, and the rest of the
+        modules (hundreds, with tens of thousands of values) need not be searched.
+        """
         original = getattr(module, name)
-        holders = [module]
+        alone = object()  # held by this frame only: the count ``original`` falls to at the end
+        top = module.__name__.partition(".")[0]
+        modules = list(sys.modules.items())
+        ours = [m for key, m in modules if key == top or key.startswith(top + ".")]
+        self._replace_in([module, *ours], original, replacement)
+        if _REFCOUNT is not None:
+            kept = sum(entry[2] is original for entry in self._done)  # for restore()
+            if _REFCOUNT(original) - kept <= _REFCOUNT(alone):
+                return
+        self._replace_in([m for _, m in modules], original, replacement)
+
+    def _replace_in(
+        self, holders: Iterable[ModuleType], original: object, replacement: object
+    ) -> None:
+        """Set each attribute of ``holders`` (modules) that *is* ``original`` to ``replacement``."""
         same = itertools.repeat(original)
-        for other in list(sys.modules.values()):
-            namespace = getattr(other, "__dict__", None)
-            # Identity, compared in C: some 27,000 values here, and == could run foreign code.
-            if (
-                other is not module
-                and isinstance(namespace, dict)
-                and any(map(operator.is_, list(namespace.values()), same))
-            ):
-                holders.append(other)
         for holder in holders:
-            for attribute, value in list(vars(holder).items()):
+            namespace = getattr(holder, "__dict__", None)
+            # Identity, compared in C: some 27,000 values here, and == could run foreign code.
+            if not isinstance(namespace, dict) or not any(
+                map(operator.is_, list(namespace.values()), same)
+            ):
+                continue
+            for attribute, value in list(namespace.items()):
                 if value is original:
                     setattr(holder, attribute, replacement)
                     self._done.append((holder, attribute, original, replacement))
@@ -318,7 +354,10 @@ class _PatchAfter(importlib.abc.Loader):
 
 def _for_this_test(protocol: Protocol) -> Iterator[int]:
     # No ``request`` fixture asked for: see _leases.fixture_request.
-    return _leases.one_port(_leases.fixture_request(), protocol)
+    from ._factory import one_port  # loaded by the first fixture that leases
+    from ._leases import fixture_request
+
+    return one_port(fixture_request(), protocol)
 
 
 @pytest.fixture(name="unused_tcp_port")

@@ -86,7 +86,8 @@ def _resolve(values: tuple[object, ...], protocol: Protocol) -> tuple[PortAlloca
         found = None
     if found is None:
         from ._allocator import allocator_for, request_for  # imports filelock: first lease
-        from ._sources import env_layer, load, project_layers
+        from ._project import project_layers
+        from ._sources import env_layer, load
 
         given = {
             name: Raw(value, f"argument {name}=")

@@ -41,9 +41,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from ._holder import current_pid
-from ._warnings import UnleasedPortWarning
-
 if TYPE_CHECKING:
     from ._leases import SessionLeases
 
@@ -113,7 +110,7 @@ class Binder:
         self.bind0 = bind0
         self.audit = audit
         self.held_here = held_here
-        self.pid = current_pid()  # a process forked from a test leaves its binds to the OS
+        self.pid = os.getpid()  # a process forked from a test leaves its binds to the OS
         self.limit = lease_limit(len(leases.settings.ports))
         self.on_leak: Literal["warn", "count"] = "warn" if audit else "count"
         self.outer_ports = enclosing_run_ports(os.environ)
@@ -135,7 +132,7 @@ class Binder:
             protocol is None
             or self.broken
             or getattr(local, "busy", False)
-            or current_pid() != self.pid
+            or os.getpid() != self.pid
         ):
             return self.base(sock, address)
         port = self._lease(protocol) if self._room() else None
@@ -190,7 +187,7 @@ class Binder:
         """A bind to a nonzero port: as asked, then a warning if no lease of ours covers it."""
         self.base(sock, address)
         protocol = _caught(sock)
-        if protocol is None or getattr(self._local, "busy", False) or current_pid() != self.pid:
+        if protocol is None or getattr(self._local, "busy", False) or os.getpid() != self.pid:
             return  # not a TCP or UDP socket, the plugin's own bind, a forked child's
         port = address[1]
         if port in self.outer_ports or self.held_here(port):
@@ -201,6 +198,8 @@ class Binder:
             if key in self._warned:
                 return
             self._warned.add(key)
+        from ._warnings import UnleasedPortWarning  # the first unleased bind: most runs have none
+
         warnings.warn(
             UnleasedPortWarning(
                 f"{scope.describe()} bound {protocol.upper()} port {port}, which pytest-ephemeral"

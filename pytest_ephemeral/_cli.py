@@ -23,9 +23,10 @@ from ._errors import ConfigError, EphemeralError, LockDirError
 from ._holder import printable
 from ._lockdir import explain
 from ._portmap import Row, axis_low, draw
+from ._project import add_options, options_layer, project_layers
 from ._ranges import IANA_DYNAMIC, format_spans, normalize
 from ._settings import LEASE_NAMES, NAMES, Settings
-from ._sources import add_options, load, options_layer, project_layers
+from ._sources import load
 
 _LOCK_FILE = re.compile(r"(\d+)\.lock")
 

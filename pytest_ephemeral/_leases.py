@@ -3,9 +3,9 @@
 Rule: every lease a pytest session takes is held here, under the scope that asked for it, and ends
 in one of three ways:
 
-- a factory's leases (``PortFactory``): at ``release(port)``, else when the factory's leases end:
-  the test's teardown for ``free_ports`` (and ``free_port``, ``free_socket``, which lease through
-  it), the session's end for ``port_factory``;
+- a factory's leases (``PortFactory``, in ``_factory``): at ``release(port)``, else when the
+  factory's leases end: the test's teardown for ``free_ports`` (and ``free_port``, ``free_socket``,
+  which lease through it), the session's end for ``port_factory``;
 - scoped leases (the library adapters, ``bind0``): with the scope running when they were asked
   for: the fixture being set up (at its teardown), else the test (after its teardown), else the
   session;
@@ -15,6 +15,9 @@ A lease that ends while its port is still in use is a leak: an ``EphemeralPortWa
 test or fixture that leased it (or, for leases that ask so, a count in the run summary). The
 plugin's hooks tell ``SessionLeases`` which test runs and which fixture is being set up; the
 plugin's fixtures and the adapters lease through it and import nothing else of each other.
+
+Only this bookkeeping loads at start-up; the factories (``_factory``) and the allocator load when a
+test first leases.
 """
 
 from __future__ import annotations
@@ -24,28 +27,27 @@ import socket
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, final
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from ._errors import Advice, ConfigError, PortNotLeased
-from ._holder import Holder
-from ._probe import Protocol, Targets, bind_targets
-from ._settings import Settings
-from ._warnings import EphemeralPortWarning
+from ._errors import Advice, PortNotLeased
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the modules of leasing load on the first lease (a run may lease nothing)
     from ._allocator import PortAllocator, Request, Stats
+    from ._factory import PortFactory
+    from ._holder import Holder
+    from ._probe import Protocol, Targets
     from ._ranges import PortRange
+    from ._settings import Settings
+    from ._warnings import EphemeralPortWarning
 
-SocketProtocol = Literal["tcp", "udp"]
 #: What the end of a lease does when its port is still in use: warn, or only count it.
 OnLeak = Literal["warn", "count"]
-_T = TypeVar("_T")
 _MAX_REQUESTS = 64
-_LeakCheck = Callable[[int, str, Targets, "tuple[socket.SocketKind, ...]", bool], "str | None"]
+_LeakCheck = Callable[[int, str, "Targets", "tuple[socket.SocketKind, ...]", bool], "str | None"]
 
 ADVICE = Advice(
     lock_dir="Fix this and try again, or choose another lock dir with --ephemeral-lock-dir.",
@@ -121,10 +123,16 @@ class SessionLeases:
     """The leases of one pytest session in one process: settings, who asked for each lease, the
     allocator, and the figures of the run summary. ``leases_of(config)`` returns it."""
 
-    def __init__(self, config: pytest.Config, settings: Settings, holder: Holder) -> None:
+    def __init__(
+        self, config: pytest.Config, settings: Settings, worker: str | None, testrun: str
+    ) -> None:
         self.config = config
         self.settings = settings
-        self.holder = holder
+        #: The xdist worker (None: not under xdist) and the test run of the holder, made on the
+        #: first lease: a run that leases nothing records no holder.
+        self._worker = worker
+        self._testrun = testrun
+        self._holder: Holder | None = None
         #: Figures of the adapters (``bind0``'s binds, say), summed over xdist workers.
         self.counters: Counter[str] = Counter()
         self.leaks = 0
@@ -145,6 +153,9 @@ class SessionLeases:
         #: lease (a bind0 lease pays for each call here: the "bind0: the recipe, leased" row of
         #: benchmarks/bench.py). Cleared when it grows to _MAX_REQUESTS.
         self._requests: dict[tuple[Protocol, pytest.Item | None], Request] = {}
+        #: What ``finish`` runs at the end of the session, before the scoped leases end: the
+        #: session factory's end, once ``port_factory`` has made one.
+        self.at_finish: list[Callable[[], object]] = []
         self._mutex = threading.Lock()
 
     # --- what runs now (the plugin's hooks say) ---------------------------------------------
@@ -187,8 +198,10 @@ class SessionLeases:
             with self._mutex:
                 if self._allocator is None:
                     from ._allocator import Stats, allocator_for, request_for  # filelock: 1st lease
+                    from ._holder import this_process
                     from ._leakcheck import still_in_use
 
+                    self._holder = this_process(self._worker, self._testrun)
                     self._request_for = request_for
                     self._still_in_use = still_in_use
                     self._stats = Stats()
@@ -265,10 +278,11 @@ class SessionLeases:
         """The request for a lease of ``ports`` (default: the range) for ``item``. Cached by the
         item itself, not its nodeid: pytest 9 builds a nodeid's string on every read."""
         assert self._request_for is not None  # set with the allocator
+        assert self._holder is not None  # the same
         if ports is not None:  # an adapter's own range: rare, not cached
             label = None if item is None else item.nodeid
             settings = self.settings._replace(ports=ports)
-            return self._request_for(settings, protocol, self.holder, label)
+            return self._request_for(settings, protocol, self._holder, label)
         key = (protocol, item)
         request = self._requests.get(key)
         if request is None:
@@ -276,7 +290,7 @@ class SessionLeases:
             if len(self._requests) >= _MAX_REQUESTS:
                 self._requests.clear()
             request = self._requests[key] = self._request_for(
-                self.settings, protocol, self.holder, label
+                self.settings, protocol, self._holder, label
             )
         return request
 
@@ -355,6 +369,9 @@ class SessionLeases:
         Checked while the lease is still held, so whatever uses the port is the test's own, and
         released whatever happens, so a warning made an error (-W error) cannot keep the lease.
         """
+        from ._probe import bind_targets  # loaded with the allocator, the first lease
+        from ._warnings import EphemeralPortWarning
+
         allocator, host = self.allocator, self.settings.host
         try:
             assert self._still_in_use is not None  # set with the allocator
@@ -384,6 +401,8 @@ class SessionLeases:
     def report_late(self, leaks: list[tuple[Scope, EphemeralPortWarning]]) -> None:
         """Leaks found at the end of the session, reported under the test or fixture that leased
         the port (not the last test to run, which did nothing wrong, and which they cannot fail)."""
+        from ._warnings import EphemeralPortWarning  # only after leases: loaded by end_lease
+
         for scope, warning in leaks:
             filename, line = scope.location()
             # The warning filters in force (-W, filterwarnings) decide whether it is shown; made
@@ -424,134 +443,20 @@ class SessionLeases:
         return {**self._totals, "peak": self._peak}
 
 
-@final
-class PortFactory:
-    """Leases ports, consecutive blocks and bound sockets, over TCP, UDP or both.
-
-    ``port_factory`` returns the session's: its leases last until ``release(port)`` or the end of
-    the session. ``free_ports`` returns one per test: its leases end at the test's teardown. Either
-    way a lease that ends while its port is still in use emits ``EphemeralPortWarning``.
-    """
-
-    __module__ = "pytest_ephemeral"
-
-    def __init__(self, leases: SessionLeases, owner: pytest.Item | None = None) -> None:
-        self._leases = leases
-        self._owner = owner  # the test whose teardown ends these leases; None: the session
-        self._mine: dict[int, Scope] = {}
-        self._sockets: dict[int, socket.socket] = {}
-        self._own_teardown: set[int] = set()  # leases a fixture of their own ends (free_port)
-        self._set_up = False  # a test's factory: whether ``free_ports`` is set up now
-        self._mutex = threading.Lock()
-
-    def __call__(self, *, protocol: Protocol = "tcp") -> int:
-        """Lease one port, bind-checked for ``protocol``: "tcp", "udp" or "both"."""
-        return self.block(1, protocol=protocol)[0]
-
-    def block(self, n: int, *, protocol: Protocol = "tcp") -> list[int]:
-        """Lease ``n`` consecutive ports, bind-checked for ``protocol``."""
-        scope = self._scope()
-        ports = self._leases.take(n, protocol, scope.item)
-        with self._mutex:
-            self._mine.update(dict.fromkeys(ports, scope))
-        return ports
-
-    def socket(self, *, protocol: SocketProtocol = "tcp", host: str | None = None) -> socket.socket:
-        """A socket already bound to a newly leased port on ``host`` (default: the configured host).
-
-        ``protocol`` is "tcp" (not yet listening) or "udp". The socket is closed, and the lease
-        ended, by ``release(port)`` or when the factory's leases end.
-        """
-        if protocol not in ("tcp", "udp"):
-            raise ConfigError(f"a socket's protocol must be 'tcp' or 'udp', not {protocol!r}")
-        scope = self._scope()
-        sock = _bound_socket(self._leases, protocol, host or self._leases.settings.host, scope)
-        port = sock.getsockname()[1]
-        with self._mutex:
-            self._mine[port] = scope
-            self._sockets[port] = sock
-        return sock
-
-    def release(self, port: int) -> None:
-        """End the lease of one port early; ``PortNotLeased`` (a ``ValueError``) if this factory
-        does not hold it, or released it already."""
-        warning = self._end(port)
-        if warning is not None:
-            warnings.warn(warning, stacklevel=2)
-
-    def _scope(self) -> Scope:
-        return Scope(self._owner) if self._owner is not None else self._leases.current_scope()
-
-    def _end(self, port: int) -> EphemeralPortWarning | None:
-        with self._mutex:
-            scope = self._mine.pop(port, None)
-            sock = self._sockets.pop(port, None)
-            self._own_teardown.discard(port)
-        if scope is None:
-            if self._leases.was_released(port):
-                raise PortNotLeased(f"port {port} was already released")
-            raise PortNotLeased(f"port {port} is not leased by this factory")
-        if sock is not None:
-            sock.close()
-        return self._leases.end_lease(port, scope)
-
-    def _end_all(self) -> list[tuple[Scope, EphemeralPortWarning]]:
-        """End every lease still held, but those a fixture of their own ends; the leaks found,
-        with who leased each.
-
-        Every lease is ended, whatever goes wrong with one of them (no descriptor left for the
-        leak check, say); the first such error is raised once they all are.
-        """
-        leaks = []
-        failure: BaseException | None = None
-        with self._mutex:
-            mine = {port: s for port, s in self._mine.items() if port not in self._own_teardown}
-        for port, scope in sorted(mine.items()):
-            try:
-                warning = self._end(port)
-            except PortNotLeased:
-                continue  # released meanwhile by another thread
-            except BaseException as error:
-                failure = failure or error
-                continue
-            if warning is not None:
-                leaks.append((scope, warning))
-        if failure is not None:
-            raise failure
-        return leaks
-
-
-def _bound_socket(
-    leases: SessionLeases, protocol: SocketProtocol, host: str, scope: Scope
-) -> socket.socket:
-    """A socket bound to a newly leased port. A program that ignores the locks could bind the
-    port between the probe and this bind: then the lease goes back and the next port is tried.
-    """
-    from ._probe import bound_socket, family_of
-
-    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
-    for attempt in range(1, 4):
-        port = leases.take(1, protocol, scope.item)[0]
-        try:
-            return bound_socket(family_of(host), kind, host, port)
-        except BaseException as error:
-            leases.allocator.release(port)
-            if not isinstance(error, OSError) or attempt == 3:
-                raise
-    raise AssertionError("unreachable")
-
-
 # --- the session, kept on the config ------------------------------------------------------------
 
 _LEASES = pytest.StashKey[SessionLeases]()
-_FACTORY = pytest.StashKey[PortFactory]()
-_TEST_FACTORY = pytest.StashKey[PortFactory]()
+#: The running test's factory (``free_ports``), kept on the test until it ends; ``_factory`` makes
+#: it, on the test's first lease.
+TEST_FACTORY: pytest.StashKey[PortFactory] = pytest.StashKey()
 
 
-def start(config: pytest.Config, settings: Settings, holder: Holder) -> SessionLeases:
-    """Begin the session's leases (from ``pytest_configure``)."""
-    leases = config.stash[_LEASES] = SessionLeases(config, settings, holder)
-    config.stash[_FACTORY] = PortFactory(leases)
+def start(
+    config: pytest.Config, settings: Settings, worker: str | None, testrun: str
+) -> SessionLeases:
+    """Begin the session's leases (from ``pytest_configure``); ``worker`` is xdist's id of this
+    process (None: not a worker), ``testrun`` the run's (xdist's, or one of the run's own)."""
+    leases = config.stash[_LEASES] = SessionLeases(config, settings, worker, testrun)
     return leases
 
 
@@ -569,7 +474,8 @@ def finish(config: pytest.Config) -> None:
     if _LEASES in config.stash:
         leases = config.stash[_LEASES]
         try:
-            config.stash[_FACTORY]._end_all()
+            for end in leases.at_finish:  # the session's factory, if a test asked for it
+                end()
         finally:
             leases.end_scoped_leases()
 
@@ -577,82 +483,5 @@ def finish(config: pytest.Config) -> None:
 def test_finished(item: pytest.Item) -> None:
     """The test and its fixtures are torn down: end its scoped leases, forget its factory."""
     leases_of(item.config).end_test(item)
-    if _TEST_FACTORY in item.stash:  # its leases have ended with the test's fixtures
-        del item.stash[_TEST_FACTORY]
-
-
-# --- the fixtures' leases ---------------------------------------------------------------------
-
-
-def session_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
-    """The body of ``port_factory``: the session's factory, whose leases end with the session;
-    a port still in use then is reported under the test or fixture that leased it."""
-    factory = request.config.stash[_FACTORY]
-    yield factory
-    factory._leases.report_late(factory._end_all())
-
-
-def test_factory(request: pytest.FixtureRequest) -> PortFactory:
-    """The factory of the running test's leases, kept on the test until it ends: ``free_ports``
-    is it, and ``free_port`` and ``free_socket`` lease through it, so ``free_ports.release()``
-    ends theirs too.
-
-    Not a fixture of its own: ``free_port`` asks pytest for no other fixture (not even
-    ``request``: see ``fixture_request``), which would cost every test that uses it a fixture
-    set-up and teardown more than its own recipe did.
-    """
-    item: pytest.Item = request.node
-    factory = item.stash.get(_TEST_FACTORY, None)
-    if factory is None:
-        factory = item.stash[_TEST_FACTORY] = PortFactory(leases_of(request.config), item)
-    return factory
-
-
-def test_ports(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
-    """The body of ``free_ports``: the test's factory, whose leases end at its teardown."""
-    factory = test_factory(request)
-    factory._set_up = True
-    yield factory
-    try:
-        leaks = factory._end_all()
-    finally:
-        factory._set_up = False
-    for _, warning in leaks:
-        request.node.warn(warning)
-
-
-def one_port(request: pytest.FixtureRequest, protocol: Protocol = "tcp") -> Iterator[int]:
-    """The body of a fixture giving a test one port, leased through the test's factory."""
-    factory = test_factory(request)
-    port = factory(protocol=protocol)
-    yield from _until_teardown(request, factory, port, port)
-
-
-def one_socket(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
-    """The body of ``free_socket``: a TCP socket bound to a port leased for the test."""
-    factory = test_factory(request)
-    sock = factory.socket()
-    yield from _until_teardown(request, factory, sock.getsockname()[1], sock)
-
-
-def _until_teardown(
-    request: pytest.FixtureRequest, factory: PortFactory, port: int, value: _T
-) -> Iterator[_T]:
-    """Yield a one-port fixture's ``value``, then end the lease of ``port`` at the fixture's
-    teardown, after the fixtures that use it. Unless ``free_ports`` is still set up: a fixture
-    using that may hold the port too (a server factory the test handed ``free_port``), so its
-    teardown, which comes later, ends the lease.
-    """
-    with factory._mutex:
-        factory._own_teardown.add(port)
-    yield value
-    with factory._mutex:
-        factory._own_teardown.discard(port)
-        if factory._set_up:
-            return
-    try:
-        warning = factory._end(port)
-    except PortNotLeased:  # released already, through free_ports.release()
-        return
-    if warning is not None:
-        request.node.warn(warning)  # located at the test, shown under its node id
+    if TEST_FACTORY in item.stash:  # its leases have ended with the test's fixtures
+        del item.stash[TEST_FACTORY]

@@ -1,14 +1,11 @@
-"""The lock directory: where it is by default, and making it safe to use, on the first lease.
+"""The lock directory: making it safe to use, on the first lease.
 
 Rule: a lock dir is used only once it is proven ours and private enough that nobody else can
 swap, plant or delete lock files in it. Preparing it is I/O, so it happens on the first lease of
 each process, never when settings are read: a run that leases no port cannot be failed by it.
 
-The default is one directory per OS user per machine, whatever the environment says (``TMPDIR``,
-``USER`` and ``LOGNAME`` differ between processes of one user; ports are machine-wide): on Linux
-``/dev/shm/pytest-ephemeral-<uid>`` (tmpfs: creating a lock file there costs a third of what it
-costs on a disk), or ``/tmp/pytest-ephemeral-<uid>`` where ``/dev/shm`` is missing or small; on
-Windows ``%LOCALAPPDATA%\\pytest-ephemeral\\locks``.
+Where it is by default is a setting's default: ``_settings.default_lock_dir`` (read by every run,
+so kept out of this module, which only a run that leases loads).
 """
 
 from __future__ import annotations
@@ -16,14 +13,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import sys
 from typing import NamedTuple
 
 from ._errors import LockDirError
 
-#: Below this size a tmpfs ``/dev/shm`` is not used: Docker gives containers 64 MiB by default,
-#: and every lock file with a record in it takes a page there.
-_MIN_SHM_BYTES = 256 * 2**20
 _DIR_FLAGS = (
     os.O_RDONLY
     | getattr(os, "O_DIRECTORY", 0)
@@ -32,27 +25,6 @@ _DIR_FLAGS = (
 )
 #: Whether lock files can be opened relative to a descriptor of the directory (not on Windows).
 DIR_FD_SUPPORTED = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")
-
-
-def default_lock_dir(platform: str = sys.platform) -> str:
-    """The lock dir of this OS user on this machine; see the module docstring."""
-    if platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or os.path.join(
-            os.path.expanduser("~"), "AppData", "Local"
-        )
-        return os.path.join(base, "pytest-ephemeral", "locks")
-    name = f"pytest-ephemeral-{os.geteuid()}"
-    if platform.startswith("linux") and _roomy_tmpfs("/dev/shm"):
-        return f"/dev/shm/{name}"
-    return f"/tmp/{name}"
-
-
-def _roomy_tmpfs(path: str) -> bool:
-    try:
-        info = os.statvfs(path)
-    except OSError:
-        return False
-    return os.path.isdir(path) and info.f_blocks * info.f_frsize >= _MIN_SHM_BYTES
 
 
 class Prepared(NamedTuple):

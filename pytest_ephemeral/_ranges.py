@@ -12,7 +12,6 @@ import re
 import sys
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -93,24 +92,53 @@ def parse_spans(text: str) -> Spans:
     return normalize(spans)
 
 
-@dataclass(frozen=True)
 class PortRange:
-    """The ports leases are taken from, and a sentence saying how they were chosen."""
+    """The ports leases are taken from, and a sentence saying how they were chosen.
 
+    An immutable value, compared and hashed by ``spans``, ``origin`` and ``caveat``. Written out
+    rather than made a dataclass: building one at import costs more than this module's other code
+    (every pytest run with the plugin pays it at start-up).
+    """
+
+    __slots__ = ("_longest", "_ports", "caveat", "origin", "spans")
     spans: Spans
     origin: str
     #: Set when ``auto`` had to fall back to ports the OS may also hand to outgoing connections.
-    caveat: str | None = None
-    _ports: array[int] = field(init=False, repr=False, compare=False)
-    _longest: int = field(init=False, repr=False, compare=False)
+    caveat: str | None
+    _ports: array[int]
+    _longest: int
 
-    def __post_init__(self) -> None:
+    def __init__(self, spans: Spans, origin: str, caveat: str | None = None) -> None:
         ports = array("H")
-        for low, high in self.spans:
+        for low, high in spans:
             ports.extend(range(low, high + 1))
-        object.__setattr__(self, "_ports", ports)
-        longest = max((high - low + 1 for low, high in self.spans), default=0)
-        object.__setattr__(self, "_longest", longest)
+        longest = max((high - low + 1 for low, high in spans), default=0)
+        put = object.__setattr__  # the class refuses assignment: it is immutable
+        put(self, "spans", spans)
+        put(self, "origin", origin)
+        put(self, "caveat", caveat)
+        put(self, "_ports", ports)
+        put(self, "_longest", longest)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def _key(self) -> tuple[Spans, str, str | None]:
+        return self.spans, self.origin, self.caveat
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PortRange):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"PortRange(spans={self.spans!r}, origin={self.origin!r}, caveat={self.caveat!r})"
 
     @property
     def ports(self) -> array[int]:

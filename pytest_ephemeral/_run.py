@@ -36,8 +36,9 @@ from types import FrameType
 from typing import NoReturn
 
 from ._errors import EphemeralError, PortsExhausted
+from ._project import add_options, options_layer, project_layers
 from ._settings import LEASE_NAMES, ROWS, Layer
-from ._sources import add_options, load, options_layer, project_layers
+from ._sources import load
 
 EX_USAGE = 2
 EX_OSERR = 71
@@ -164,7 +165,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def layers(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Layer, ...]:
     """The settings' layers in precedence order: options, the project's ``addopts`` and
     ``PYTEST_ADDOPTS``, the environment, the project's config file (found from the current
-    directory as pytest finds it), as for every caller (``_sources.project_layers``)."""
+    directory as pytest finds it), as for every caller (``_project.project_layers``)."""
     _, found = project_layers(options_layer(args, LEASE_NAMES), Path.cwd(), None, environ)
     # Only what a lease takes: adopt and audit are settings of a pytest session.
     return tuple({k: v for k, v in layer.items() if k in LEASE_NAMES} for layer in found)

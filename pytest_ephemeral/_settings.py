@@ -21,13 +21,11 @@ import math
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from ._errors import ConfigError
-from ._lockdir import default_lock_dir
-from ._probe import FORBIDDEN_ERRNOS, try_bind
 from ._ranges import PortRange, Spans, SystemPorts, derive_auto, format_spans, parse_spans, subtract
 
 DEFAULT_HOST = "127.0.0.1"
@@ -42,6 +40,38 @@ ADAPTERS: Mapping[str, str | None] = {
     "aiohttp": "aiohttp",
     "bind0": None,
 }
+
+#: Below this size a tmpfs ``/dev/shm`` is not used for the default lock dir: Docker gives
+#: containers 64 MiB by default, and every lock file with a record in it takes a page there.
+_MIN_SHM_BYTES = 256 * 2**20
+
+
+def default_lock_dir(platform: str = sys.platform) -> str:
+    """The default lock dir: one directory per OS user per machine, whatever the environment says
+    (``TMPDIR``, ``USER`` and ``LOGNAME`` differ between processes of one user; ports are
+    machine-wide). On Linux ``/dev/shm/pytest-ephemeral-<uid>`` (tmpfs: creating a lock file there
+    costs a third of what it costs on a disk), or ``/tmp/pytest-ephemeral-<uid>`` where
+    ``/dev/shm`` is missing or small; on Windows ``%LOCALAPPDATA%\\pytest-ephemeral\\locks``.
+
+    Only the path: ``_lockdir`` creates the directory and proves it safe, on the first lease.
+    """
+    if platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or os.path.join(
+            os.path.expanduser("~"), "AppData", "Local"
+        )
+        return os.path.join(base, "pytest-ephemeral", "locks")
+    name = f"pytest-ephemeral-{os.geteuid()}"
+    if platform.startswith("linux") and _roomy_tmpfs("/dev/shm"):
+        return f"/dev/shm/{name}"
+    return f"/tmp/{name}"
+
+
+def _roomy_tmpfs(path: str) -> bool:
+    try:
+        info = os.statvfs(path)
+    except OSError:
+        return False
+    return os.path.isdir(path) and info.f_blocks * info.f_frsize >= _MIN_SHM_BYTES
 
 
 class Raw(NamedTuple):
@@ -150,9 +180,9 @@ def parse_adopt(raw: Raw) -> frozenset[str]:
     return frozenset(names)
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One row of the table."""
+class Setting(NamedTuple):
+    """One row of the table. (A named tuple, not a dataclass: building a dataclass at import
+    would cost every pytest run more than the rest of this module.)"""
 
     name: str
     metavar: str
@@ -358,6 +388,8 @@ def verify(settings: Settings) -> None:
     now, each is one clear error instead of every lease failing."""
     raw = settings.given.get("host")
     if raw is not None:
+        from ._probe import try_bind  # only when a host is given: most runs bind nothing here
+
         address = ipaddress.ip_address(settings.host)
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         error = try_bind(family, (settings.host, 0))
@@ -372,6 +404,8 @@ def verify(settings: Settings) -> None:
 
 
 def _check_bindable(ports: PortRange, raw: Raw) -> None:
+    from ._probe import FORBIDDEN_ERRNOS, try_bind  # only for a range given: see verify()
+
     numbers = ports.ports
     samples = sorted({numbers[0], numbers[len(numbers) // 2], numbers[-1]})
     causes = []

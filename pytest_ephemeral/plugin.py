@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 import pytest
@@ -20,9 +20,11 @@ import pytest
 from . import _adopt, _bind, _leases
 from ._current import Session, close_session, open_session
 from ._errors import ConfigError
-from ._holder import this_process
-from ._leases import PortFactory
-from ._settings import TABLE, Layer
+from ._settings import TABLE
+
+if TYPE_CHECKING:
+    from ._factory import PortFactory
+    from ._settings import Layer
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
@@ -59,8 +61,10 @@ def pytest_configure(config: pytest.Config) -> None:
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from None
     workerinput = getattr(config, "workerinput", None) or {}
-    holder = this_process(workerinput.get("workerid"), workerinput.get("testrunuid") or uuid4().hex)
-    leases = _leases.start(config, settings, holder)
+    # The run's id now, not with the holder on the first lease: a process forked from this one
+    # (a test's multiprocessing) records the same test run.
+    testrun = workerinput.get("testrunuid") or uuid4().hex
+    leases = _leases.start(config, settings, workerinput.get("workerid"), testrun)
     config.stash[_CURRENT] = open_session(Session(layers, settings))  # lease_port() here uses them
     _adopt.configure(config, leases)  # adapters for other port helpers (setting adopt)
     _bind.configure(config, leases)  # bind(0) leased (adapter bind0), fixed ports found (audit)
@@ -165,7 +169,9 @@ def port_factory(request: pytest.FixtureRequest) -> Iterator[PortFactory]:
     Every other lease ends when the session ends; a port still in use then is reported under the
     test or fixture that leased it.
     """
-    yield from _leases.session_factory(request)
+    from ._factory import session_factory  # the factories load when a test first asks for ports
+
+    yield from session_factory(request)
 
 
 # The per-test fixtures ask for no ``request``: _leases.fixture_request() finds it for less.
@@ -180,14 +186,18 @@ def free_ports() -> Iterator[PortFactory]:
     Every other lease ends at the test's teardown, after the fixtures that use it, with the same
     leak check as ``free_port``.
     """
-    yield from _leases.test_ports(_leases.fixture_request())
+    from ._factory import test_ports  # the factories load when a test first asks for ports
+
+    yield from test_ports(_leases.fixture_request())
 
 
 @pytest.fixture
 def free_port() -> Iterator[int]:
     """A TCP port leased for this test alone: free now, and held from other tests and pytest runs
     until this test's teardown, after the fixtures that use it."""
-    yield from _leases.one_port(_leases.fixture_request())
+    from ._factory import one_port  # the factories load when a test first asks for ports
+
+    yield from one_port(_leases.fixture_request())
 
 
 @pytest.fixture
@@ -196,4 +206,6 @@ def free_socket() -> Iterator[socket.socket]:
     listening: hand it to a server (asyncio ``start_server(sock=...)``, ``socketserver``, uvicorn
     ``fd=``) and no other program can take the port in between. Closed, and the lease ended, at
     teardown; closing it earlier does not end the lease."""
-    yield from _leases.one_socket(_leases.fixture_request())
+    from ._factory import one_socket  # the factories load when a test first asks for ports
+
+    yield from one_socket(_leases.fixture_request())

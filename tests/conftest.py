@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ephemeral._lockdir import default_lock_dir
+from pytest_ephemeral._settings import default_lock_dir
 
 from .harness import Leaser, PrivateRange
 

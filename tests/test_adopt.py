@@ -322,6 +322,26 @@ def test_a_copy_made_before_the_session_is_replaced_too(
     result.assert_outcomes(passed=1)
 
 
+def test_a_copy_outside_the_library_made_before_the_session_is_replaced_too(
+    pytester: pytest.Pytester, private_range: MakeRange
+) -> None:
+    """A conftest module, imported before the session is configured, holds its own copy of
+    ``port_for.select_random``, outside port_for's package: it is found and leases too (the
+    search goes on past the library's modules while anything else refers to the original)."""
+    private = private_range(2)
+    pytester.makeconftest("from port_for import select_random as picked\n")
+    pytester.makepyfile(
+        f"""
+        import conftest
+
+        def test_copy():
+            assert conftest.picked() in {private.ports!r}
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly", *private.args)
+    result.assert_outcomes(passed=1)
+
+
 def test_library_ports_last_as_long_as_the_scope_that_asked(
     pytester: pytest.Pytester, private_range: MakeRange
 ) -> None:

@@ -20,8 +20,9 @@ from typing import Any, cast
 import pytest
 
 from pytest_ephemeral import LockDirError, PortsExhausted
-from pytest_ephemeral._lockdir import LockDir, default_lock_dir
+from pytest_ephemeral._lockdir import LockDir
 from pytest_ephemeral._lockfile import read_live_record
+from pytest_ephemeral._settings import default_lock_dir
 
 from .conftest import MakeRange
 from .harness import Leaser, PrivateRange
@@ -179,7 +180,7 @@ def test_a_lock_dir_on_a_full_or_read_only_file_system(
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX default")
 def test_the_default_lock_dir_ignores_tmpdir_and_user_names(tmp_path: Path) -> None:
-    code = "from pytest_ephemeral._lockdir import default_lock_dir; print(default_lock_dir())"
+    code = "from pytest_ephemeral._settings import default_lock_dir; print(default_lock_dir())"
     seen = set()
     for env in ({}, {"TMPDIR": str(tmp_path), "USER": "alice", "LOGNAME": "bob"}):
         done = subprocess.run(

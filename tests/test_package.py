@@ -15,7 +15,7 @@ import pytest_ephemeral
 PACKAGE = Path(pytest_ephemeral.__file__).parent
 MODULES = sorted(path.stem for path in PACKAGE.glob("*.py"))
 #: The leasing core: usable without pytest (scripts, ``run``), so it must never import it.
-PYTEST_LAYER = {"plugin", "_leases", "_adopt", "_bind", "_warnings"}
+PYTEST_LAYER = {"plugin", "_leases", "_factory", "_adopt", "_bind", "_warnings"}
 
 
 def _tree(module: str) -> ast.Module:
@@ -96,6 +96,8 @@ def test_the_leasing_core_imports_nothing_from_pytest(module: str) -> None:
 
 def test_the_adapters_and_the_plugin_share_the_lease_owner_not_each_other() -> None:
     assert "_leases" in _imports("plugin")
-    assert "_leases" in _imports("_adopt")
+    assert "_factory" in _imports("plugin")
+    assert "_factory" in _imports("_adopt")
     assert "plugin" not in _imports("_adopt")
-    assert "plugin" not in _imports("_leases")
+    for owner in ("_leases", "_factory"):
+        assert not {"plugin", "_adopt"} & set(_imports(owner))

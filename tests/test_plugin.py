@@ -344,6 +344,40 @@ def test_report_header_and_fixture_docs(pytester: pytest.Pytester) -> None:
     )
 
 
+#: The package's modules a run that leases no port never needs: they load on the first lease, bind
+#: check or warning (benchmarks/bench.py's start-up figure pays for every module loaded).
+LEASING_MODULES = (
+    "_allocator",
+    "_factory",
+    "_holder",
+    "_leakcheck",
+    "_lockdir",
+    "_lockfile",
+    "_probe",
+    "_search",
+    "_warnings",
+)
+
+
+def test_a_run_that_leases_nothing_loads_none_of_the_leasing_code(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTEST_EPHEMERAL_PORT_RANGE")  # a given range is bind-checked (_probe)
+    pytester.makepyfile(
+        f"""
+        import sys
+
+        def test_nothing():
+            names = {LEASING_MODULES!r}
+            assert [name for name in names if "pytest_ephemeral." + name in sys.modules] == []
+            assert "filelock" not in sys.modules
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:xdist")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["ephemeral ports: *", "ephemeral adapters: *bind0*"])
+
+
 def test_auto_avoids_the_range_the_kernel_auto_assigns(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:

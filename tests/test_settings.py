@@ -369,7 +369,7 @@ def test_a_blank_value_in_the_config_file_or_o_means_the_default(
 def test_a_blank_lock_dir_or_adopt_is_the_default_from_every_source(
     run: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pytest_ephemeral._lockdir import default_lock_dir
+    from pytest_ephemeral._settings import default_lock_dir
 
     monkeypatch.delenv("PYTEST_EPHEMERAL_LOCK_DIR")
     run.makepyprojecttoml(

@@ -11,16 +11,11 @@ from pathlib import Path
 import pytest
 
 from pytest_ephemeral import ConfigError, lease_block, lease_port
+from pytest_ephemeral._project import project_layers
 from pytest_ephemeral._ranges import SystemPorts
 from pytest_ephemeral._run import build_parser
 from pytest_ephemeral._settings import LEASE_NAMES, NAMES, TABLE, Raw, markdown_table, resolve
-from pytest_ephemeral._sources import (
-    config_file_layer,
-    env_layer,
-    load,
-    plugin_layers,
-    project_layers,
-)
+from pytest_ephemeral._sources import config_file_layer, env_layer, load, plugin_layers
 
 from .conftest import HOLDER_SCRIPT, MakeRange
 
