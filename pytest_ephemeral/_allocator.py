@@ -300,10 +300,24 @@ class PortAllocator:
         """One pass over the range in the search order; lease and return ``n`` consecutive ports
         (or give up after ``max_tries`` candidates)."""
         numbers, spans = request.ports.ports, request.ports.spans
-        fits = None if n == 1 else (lambda i: numbers[i + n - 1] - numbers[i] == n - 1)
-        walk = Walk(len(numbers), self._cursors.get(spans), self._random, n, fits)
         thread = threading.get_ident()
         stop = None if max_tries is None else seen.tries + max_tries
+        cursor = self._cursors.get(spans)
+        if n == 1 and cursor is not None:
+            # The usual lease, without a Walk: a pass begins at the cursor (see _search), whose
+            # candidate is most often free. If it is not, the walk begins after it (and comes
+            # back to it last).
+            seen.tries += 1
+            lease = self._try(numbers[cursor], request, seen, thread)
+            cursor = (cursor + 1) % len(numbers)
+            self._cursors[spans] = cursor
+            if lease is not None:
+                self._held[lease.port] = lease
+                return [lease.port]
+            if stop is not None and seen.tries >= stop:
+                return None
+        fits = None if n == 1 else (lambda i: numbers[i + n - 1] - numbers[i] == n - 1)
+        walk = Walk(len(numbers), cursor, self._random, n, fits)
         for first in walk:
             bound_before = seen.bound_tries
             if n == 1:  # one port: no block to give back on the way (the usual lease)

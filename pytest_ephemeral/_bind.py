@@ -69,6 +69,21 @@ _family = _socket.socket.family.__get__
 _type = _socket.socket.type.__get__
 
 
+#: Forks of this process so far, as children count them: a binder made before a fork is in a
+#: forked child when this differs from the count it was made with (a global read: no system
+#: call on every bind, as os.getpid() would be).
+_forks = 0
+
+
+def _after_fork_in_child() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def lease_limit(range_size: int) -> int:
     """How many bind0 leases one process may hold at once."""
     limit = max(1, range_size // RANGE_SHARE)
@@ -110,12 +125,12 @@ class Binder:
         self.bind0 = bind0
         self.audit = audit
         self.held_here = held_here
-        self.pid = os.getpid()  # a process forked from a test leaves its binds to the OS
+        self.forks = _forks  # a process forked from a test leaves its binds to the OS
         self.limit = lease_limit(len(leases.settings.ports))
         self.on_leak: Literal["warn", "count"] = "warn" if audit else "count"
         self.outer_ports = enclosing_run_ports(os.environ)
         self.base: _Bind = _base_bind()
-        self._mine: set[int] = set()  # ports of bind0 leases, maybe ended since: see _room
+        self._mine: set[int] = set()  # ports of bind0 leases, some maybe ended (pruned at limit)
         self.broken = False  # a lease failed with an error: binds of port 0 go to the OS
         self._warned: set[tuple[str | None, int]] = set()
         self._local = threading.local()  # .busy: this thread is leasing for a bind(0)
@@ -126,16 +141,18 @@ class Binder:
 
     def bind_zero(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
         """A bind to port 0: to a leased port if one can be had at once, else as asked."""
-        protocol = _caught(sock)
+        # _caught(sock) written out, and the room checked before any call: every bind(0) comes here.
+        protocol = _PROTOCOLS.get(_type(sock)) if _family(sock) in _FAMILIES else None
         local = self._local
         if (
             protocol is None
             or self.broken
             or getattr(local, "busy", False)
-            or os.getpid() != self.pid
+            or _forks != self.forks
         ):
             return self.base(sock, address)
-        port = self._lease(protocol) if self._room() else None
+        room = len(self._mine) < self.limit or self._room_after_pruning()
+        port = self._lease(protocol) if room else None
         if port is not None:
             try:
                 self.base(sock, (address[0], port, *address[2:]))
@@ -170,13 +187,10 @@ class Binder:
         finally:
             local.busy = False
 
-    def _room(self) -> bool:
-        """Whether this process may take one more bind0 lease. The ports taken are pruned of
-        ended leases only when they reach the limit: no bookkeeping per lease end. (The common
-        case reads a size without the mutex: a bound, which another thread's bind may pass by
-        one.)"""
-        if len(self._mine) < self.limit:
-            return True
+    def _room_after_pruning(self) -> bool:
+        """Whether this process may take one more bind0 lease, once the ports taken are pruned
+        of ended leases: done only when they reach the limit (no bookkeeping per lease end; the
+        size is read without the mutex, a bound that another thread's bind may pass by one)."""
         with self._mutex:
             self._mine = {port for port in self._mine if self.leases.holds(port)}
             return len(self._mine) < self.limit
@@ -187,7 +201,7 @@ class Binder:
         """A bind to a nonzero port: as asked, then a warning if no lease of ours covers it."""
         self.base(sock, address)
         protocol = _caught(sock)
-        if protocol is None or getattr(self._local, "busy", False) or os.getpid() != self.pid:
+        if protocol is None or getattr(self._local, "busy", False) or _forks != self.forks:
             return  # not a TCP or UDP socket, the plugin's own bind, a forked child's
         port = address[1]
         if port in self.outer_ports or self.held_here(port):

@@ -264,8 +264,10 @@ class SessionLeases:
         if self._finished:
             return None
         scope = scope or self.current_scope()
-        allocator = self.allocator
-        port = allocator.try_lease(self._request(protocol, scope.item), max_tries, self._stats)
+        allocator = self._allocator or self.allocator
+        # The request cache read here, not through _request: this runs on every bind(0).
+        request = self._requests.get((protocol, scope.item)) or self._request(protocol, scope.item)
+        port = allocator.try_lease(request, max_tries, self._stats)
         if port is None:
             return None
         self._ended.discard(port)
