@@ -144,12 +144,7 @@ class Binder:
         # _caught(sock) written out, and the room checked before any call: every bind(0) comes here.
         protocol = _PROTOCOLS.get(_type(sock)) if _family(sock) in _FAMILIES else None
         local = self._local
-        if (
-            protocol is None
-            or self.broken
-            or getattr(local, "busy", False)
-            or _forks != self.forks
-        ):
+        if protocol is None or self.broken or getattr(local, "busy", False) or _forks != self.forks:
             return self.base(sock, address)
         room = len(self._mine) < self.limit or self._room_after_pruning()
         port = self._lease(protocol) if room else None
