@@ -59,6 +59,7 @@ _MAX_HOLDERS_SHOWN = 10
 _POLL_FIRST, _POLL_MAX = 0.005, 0.1
 _NO_SPACE = {errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NO_DESCRIPTORS = {errno.EMFILE, errno.ENFILE}
+_ESTALE = getattr(errno, "ESTALE", -1)
 _RANDOM = random.SystemRandom()  # not random's: pytest-randomly reseeds that alike in every worker
 
 
@@ -398,6 +399,8 @@ class PortAllocator:
         except FileNotFoundError:
             raise _DirGone from None
         except OSError as error:
+            if error.errno == _ESTALE:  # NFS's word for a directory removed by another client
+                raise _DirGone from None
             raise self._os_error(error) from error
         if locked is None:
             seen.met[port] = _LOCKED
@@ -410,7 +413,8 @@ class PortAllocator:
         try:
             write_record(fd, port, pid, request.details, time.time())
         except OSError as error:
-            seen.unrecorded = f"could not record the holder of port {port}: {error}"
+            first = seen.unrecorded  # the first failure is the one the warning names
+            seen.unrecorded = first or f"could not record the holder of port {port}: {error}"
             _void_record(fd)
         return Lease(port, fd, pid, request, thread, file)
 
@@ -450,9 +454,13 @@ class PortAllocator:
         is lost unless it could be locked again too."""
         if self._dir.prepared and not self._dir.unchanged():
             if len(self._held) > 1:
-                self._recover()
-            else:  # nothing else to lock again
-                self._prepare_again()
+                self._recover()  # a failure to recover is raised: those ports' locks are gone
+            else:
+                # Nothing else to lock again, only the next leases' directory to prepare: if it
+                # cannot be (a symlink planted there, say), the next lease raises the reason kept,
+                # and this release still warns.
+                with contextlib.suppress(LockDirError):
+                    self._prepare_again()
         if not lease.lost and not self._in_place(lease):
             lease.lost = True
             self._lost.append(lease.port)

@@ -185,7 +185,7 @@ class Binder:
     def _room_after_pruning(self) -> bool:
         """Whether this process may take one more bind0 lease, once the ports taken are pruned
         of ended leases: done only when they reach the limit (no bookkeeping per lease end; the
-        size is read without the mutex, a bound that another thread's bind may pass by one)."""
+        size is read without the mutex: threads binding at once may pass the bound by one each)."""
         with self._mutex:
             self._mine = {port for port in self._mine if self.leases.holds(port)}
             return len(self._mine) < self.limit

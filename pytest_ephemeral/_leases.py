@@ -102,9 +102,10 @@ class _Scoped:
         self.on_leak = on_leak
 
 
-#: The sessions setting up a fixture now, one entry per fixture, innermost last (pytester runs
-#: sessions in-process, inside a test of another): see ``fixture_request``.
-_setting_up: list[SessionLeases] = []
+#: The requests of the fixtures being set up now, per thread (``.requests``, innermost last, of
+#: every session: pytester runs sessions in-process, inside a test of another), so a fixture set
+#: up in one thread never sees another thread's: see ``fixture_request``.
+_setting_up = threading.local()
 
 
 def fixture_request() -> pytest.FixtureRequest:
@@ -112,11 +113,10 @@ def fixture_request() -> pytest.FixtureRequest:
     without asking for the ``request`` fixture, which costs pytest (9.x) an ``inspect.signature``
     each time a test's fixture asks for it (about 76,000 instructions, three times per test:
     more than the rest of a ``free_port``'s set-up and teardown)."""
-    try:
-        leases = _setting_up[-1]
-    except IndexError:
-        raise RuntimeError("pytest-ephemeral's fixtures are for pytest to set up") from None
-    return leases._fixtures[-1][1]
+    requests: list[pytest.FixtureRequest] = getattr(_setting_up, "requests", [])
+    if not requests:
+        raise RuntimeError("pytest-ephemeral's fixtures are for pytest to set up")
+    return requests[-1]
 
 
 class SessionLeases:
@@ -173,10 +173,13 @@ class SessionLeases:
         """Until the matching ``fixture_done()``, leases asked are this fixture's, and
         ``fixture_request()`` is its request."""
         self._fixtures.append((fixturedef, request))
-        _setting_up.append(self)
+        try:
+            _setting_up.requests.append(request)
+        except AttributeError:  # this thread's first fixture
+            _setting_up.requests = [request]
 
     def fixture_done(self) -> None:
-        _setting_up.pop()
+        _setting_up.requests.pop()
         self._fixtures.pop()
 
     def current_scope(self) -> Scope:

@@ -192,9 +192,9 @@ class LockDir:
         self._prepare()
 
     def close(self) -> None:
-        if self._prepared is not None and self._prepared.fd >= 0:
-            os.close(self._prepared.fd)
-        self._prepared = None
+        prepared, self._prepared = self._prepared, None  # forgotten first, even if close fails
+        if prepared is not None and prepared.fd >= 0:
+            os.close(prepared.fd)
 
     def _prepare(self) -> None:
         try:

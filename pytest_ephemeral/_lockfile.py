@@ -24,7 +24,7 @@ from typing import Any
 
 from filelock import lock_descriptor, unlock_descriptor
 
-from ._holder import RECORD_MAX, current_pid, parse_record
+from ._holder import RECORD_MAX, parse_record
 from ._lockdir import identity
 
 _COMMON = (
@@ -93,9 +93,9 @@ def _not_ours(info: os.stat_result) -> str:
     """Why a file that ``_open`` refuses is not one of our lock files."""
     if not stat.S_ISREG(info.st_mode):
         return _kind(info.st_mode)
-    if info.st_nlink != 1:
-        return f"a file with {info.st_nlink} hard links"
-    return f"a file of another user (uid {info.st_uid})"
+    if _HAS_UID and info.st_uid != os.geteuid():
+        return f"a file of another user (uid {info.st_uid})"
+    return f"a file with {info.st_nlink} hard links"
 
 
 def _kind(mode: int) -> str:
@@ -136,9 +136,13 @@ def try_lock(dir_path: str, dir_fd: int, port: int) -> Locked | None:
 
 
 def unlock(fd: int, owner_pid: int) -> None:
-    """End a lock: unlock (only in the process that took it, not in a forked child) and close."""
+    """End a lock: unlock (only in the process that took it, not in a forked child) and close.
+
+    ``os.getpid()``, not the cached ``current_pid()``: a child forked in C without Python's
+    at-fork hooks would find the cached pid its parent's, and a flock is the open file's, shared
+    with the parent: unlocking it there would end the parent's lease."""
     try:
-        if current_pid() == owner_pid:
+        if os.getpid() == owner_pid:
             unlock_descriptor(fd)
     finally:
         os.close(fd)

@@ -129,6 +129,9 @@ class PortRange:
     def _key(self) -> tuple[Spans, str, str | None]:
         return self.spans, self.origin, self.caveat
 
+    def __reduce__(self) -> tuple[type[PortRange], tuple[Spans, str, str | None]]:
+        return PortRange, self._key()  # pickle and copy build it anew: assignment is refused
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PortRange):
             return NotImplemented

@@ -10,7 +10,9 @@ A walk landing in such a stretch would try every port of it in turn, so a walk t
 port among its first ``JUMP_WITHIN`` starts begins again at a random index, at most ``JUMPS``
 times; then it walks on from there over the whole range.
 
-The caller tries the candidates (locks, sockets) and tells the walk what stopped each block.
+The caller tries the candidates (locks, sockets) and tells the walk what stopped each block. (The
+allocator tries the candidate at the cursor of a one-port lease first, before any walk, and
+begins the walk after it only when it fails.)
 """
 
 from __future__ import annotations

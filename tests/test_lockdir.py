@@ -554,6 +554,24 @@ def test_a_release_whose_recovery_fails_still_gives_the_lock_back(
         leases.release(second)  # its lock file went with the dir
 
 
+def test_a_replaced_lock_dir_is_found_at_the_next_release_and_leased_in_from_then_on(
+    private_range: MakeRange, tmp_path: Path
+) -> None:
+    """Leases do not check the lock dir when they start: the end of a lease finds the directory
+    replaced, warns, and prepares the one now at the path for the leases after it."""
+    private = private_range(3)
+    leases = private.leaser()
+    held = leases.lease()
+    private.lock_dir.rename(tmp_path / "moved-away")
+    private.lock_dir.mkdir(mode=0o700)
+    with pytest.warns(RuntimeWarning, match=rf"port\(s\) {held}; .* may be shared now"):
+        leases.release(held)
+    port = leases.lease()
+    assert read_live_record(str(private.lock_dir), port) is not None  # in the new directory
+    assert read_live_record(str(tmp_path / "moved-away"), port) is None
+    leases.release(port)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_never_takes_over_its_parents_leases(private_range: MakeRange) -> None:

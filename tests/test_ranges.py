@@ -7,8 +7,10 @@ stand-in this project allows); Linux is checked against this machine's real ``/p
 from __future__ import annotations
 
 import _socket
+import copy
 import itertools
 import locale
+import pickle
 import random
 import re
 import socket
@@ -821,3 +823,14 @@ def test_linux_kernel_never_picks_an_auto_port(kind: int) -> None:
             picked.append(sock.getsockname()[1])
     assert len(set(picked)) == 200
     assert not auto.intersection(picked)
+
+
+def test_a_port_range_survives_pickle_and_copy() -> None:
+    original = PortRange(((61000, 61009), (61020, 61020)), "set by a test", "a caveat")
+    for again in (
+        pickle.loads(pickle.dumps(original)),
+        copy.copy(original),
+        copy.deepcopy(original),
+    ):
+        assert again == original
+        assert list(again.ports) == list(original.ports)
