@@ -321,12 +321,7 @@ class PortAllocator:
         walk = Walk(len(numbers), cursor, self._random, n, fits)
         for first in walk:
             bound_before = seen.bound_tries
-            if n == 1:  # one port: no block to give back on the way (the usual lease)
-                seen.tries += 1
-                lease = self._try(numbers[first], request, seen, thread)
-                taken = [] if lease is None else [lease]
-            else:
-                taken = self._try_block(numbers[first : first + n], request, seen, thread)
+            taken = self._try_block(numbers[first : first + n], request, seen, thread)
             if len(taken) == n:
                 for lease in taken:
                     self._held[lease.port] = lease
